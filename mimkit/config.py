@@ -1,0 +1,285 @@
+"""Options for every command, in one place: dataclasses that YAML files and the CLI both fill.
+
+A field's metadata carries its help text (and allowed values); the CLI builds its flags
+from these, so an option is declared once. ``load_config`` merges a YAML file and
+overrides, rejects unknown keys (suggesting the nearest name) and wrong types, then
+runs the class's ``validate`` so bad values fail in one line before any work starts.
+"""
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad option: the message is one line naming the option and what is allowed."""
+
+
+def opt(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# shared groups -------------------------------------------------------------------------------
+@dataclass
+class RunOptions:
+    output: str = opt("runs/run", "run directory: config, metrics, checkpoints, figures")
+    seed: int = opt(0, "random seed (data order, augmentation, masks, init)")
+    device: str = opt("auto", "'auto' (cuda when present), 'cpu', 'cuda' or 'cuda:N'")
+    precision: str = opt("fp32", "numeric precision", ["fp32", "bf16", "fp16"])
+    threads: int = opt(0, "CPU threads for torch (0: torch's default)")
+    num_workers: int = opt(-1, "data loader worker processes (-1: automatic)")
+    cache: str = opt("auto", "decode small data sets once into memory", ["auto", "on", "off"])
+
+
+@dataclass
+class DataOptions:
+    data: str = opt("builtin", "image folder, .tar/.tar.gz of one, or 'builtin' (the embedded sample)")
+    val_fraction: float = opt(0.1, "last fraction of each class held out for validation (never pretrained on)")
+    img_size: int = opt(0, "input size in px (0: the model preset's)")
+
+
+@dataclass
+class OptimOptions:
+    epochs: int = opt(10, "training epochs")
+    batch_size: int = opt(64, "images per step per process (the effective batch multiplies by processes x accum)")
+    accum_steps: int = opt(1, "gradient accumulation steps")
+    base_lr: float = opt(1.5e-4, "learning rate per 256 images: lr = base_lr x effective batch / 256")
+    lr: float = opt(0.0, "absolute learning rate (overrides base_lr when > 0)")
+    min_lr: float = opt(0.0, "learning rate at the end of the cosine decay")
+    warmup_epochs: float = opt(1.0, "linear warm-up length in epochs (per iteration)")
+    weight_decay: float = opt(0.05, "AdamW weight decay (none on norms, biases, tokens, position embeddings)")
+    clip_grad: float = opt(0.0, "clip the gradient norm to this value (0: off)")
+    max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs)")
+    time_limit: float = opt(0.0, "minutes; the schedule is sized to fit by measuring the first steps (0: off)")
+
+
+@dataclass
+class EngineOptions:
+    log_every: int = opt(20, "steps between metric lines")
+    save_every: int = opt(0, "steps between checkpoints (0: at the end of each epoch only)")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    resume: bool = opt(False, "continue from the newest checkpoint in --output")
+    deterministic: bool = opt(False, "deterministic algorithms, so a resumed run ends bit-identical")
+    compile: bool = opt(False, "torch.compile the model")
+    grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    max_bad_steps: int = opt(5, "stop after this many non-finite losses in a row (each is skipped)")
+    sigterm_grace: float = opt(60.0, "seconds allowed to write a checkpoint after SIGTERM")
+    dist_timeout: float = opt(600.0, "seconds before a collective waiting on a dead process fails")
+
+
+# commands ------------------------------------------------------------------------------------
+@dataclass
+class PretrainConfig(RunOptions, DataOptions, OptimOptions, EngineOptions):
+    model: str = opt("vit_tiny_patch4_32", "encoder preset (see `mimkit models`)")
+    objective: str = opt("mae", "pretraining objective")
+    mask_ratio: float = opt(0.75, "fraction of patches hidden")
+    norm_pix_loss: bool = opt(True, "predict per-patch normalised pixels")
+    decoder_dim: int = opt(0, "decoder width (0: preset default)")
+    decoder_depth: int = opt(0, "decoder blocks (0: preset default)")
+    decoder_heads: int = opt(0, "decoder attention heads (0: preset default)")
+    aug: str = opt("rrc", "augmentation", ["rrc", "none", "fixed_crop", "rrc_jitter"])
+    init: str = opt("", "start from released weights (mimkit, official MAE, HF ViTMAE or timm)")
+    figure_every: int = opt(1, "epochs between reconstruction figures (0: only at the end)")
+    objective_args: Dict[str, Any] = field(default_factory=dict,
+                                           metadata={"help": "extra options of the objective (YAML mapping)"})
+
+    def validate(self):
+        check_common(self)
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
+
+
+@dataclass
+class EvalOptions(RunOptions, DataOptions):
+    checkpoint: str = opt("", "checkpoint to evaluate (mimkit, official MAE, HF ViTMAE or timm)")
+    random_init: bool = opt(False, "evaluate the same encoder randomly initialised")
+    model: str = opt("", "encoder preset for --random-init (default: the checkpoint's)")
+    pool: str = opt("cls", "feature: class token or mean of patch tokens", ["cls", "mean"])
+    batch_size: int = opt(256, "images per forward pass")
+
+
+@dataclass
+class KnnConfig(EvalOptions):
+    k: int = opt(20, "neighbours")
+    temperature: float = opt(0.07, "softmax temperature on cosine similarity")
+
+    def validate(self):
+        check_eval(self)
+        check_positive(self, "k", "temperature")
+
+
+@dataclass
+class LinprobeConfig(EvalOptions, OptimOptions, EngineOptions):
+    # the paper's probe: LARS, base lr 0.1, no weight decay, 90 epochs (batch 16384 there; smaller here)
+    epochs: int = opt(90, "training epochs")
+    batch_size: int = opt(1024, "images per step per process")
+    base_lr: float = opt(0.1, "learning rate per 256 images (LARS)")
+    weight_decay: float = opt(0.0, "weight decay")
+    warmup_epochs: float = opt(10.0, "linear warm-up length in epochs")
+
+    def validate(self):
+        check_eval(self)
+        check_common(self)
+
+
+@dataclass
+class FinetuneConfig(EvalOptions, OptimOptions, EngineOptions):
+    # the paper's ViT-B recipe: AdamW (0.9, 0.999), base lr 5e-4, layer decay 0.65 (0.75 for L/H), 100 epochs
+    epochs: int = opt(100, "training epochs")
+    batch_size: int = opt(128, "images per step per process")
+    base_lr: float = opt(5e-4, "learning rate per 256 images")
+    warmup_epochs: float = opt(5.0, "linear warm-up length in epochs")
+    layer_decay: float = opt(0.75, "layer-wise lr decay (1: off)")
+    drop_path: float = opt(0.1, "stochastic depth rate")
+    label_smoothing: float = opt(0.1, "label smoothing")
+    mixup: float = opt(0.8, "mixup alpha (0: off)")
+    cutmix: float = opt(1.0, "cutmix alpha (0: off)")
+    randaug: str = opt("rand-m9-mstd0.5-inc1", "timm RandAugment spec ('' : off)")
+    reprob: float = opt(0.25, "random erasing probability")
+    global_pool: bool = opt(True, "average patch tokens for the head (else the class token)")
+    blocks: int = opt(0, "tune only the last K blocks (0: all); the paper's partial fine-tuning")
+
+    def validate(self):
+        check_eval(self)
+        check_common(self)
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+
+
+@dataclass
+class ReconstructConfig(RunOptions):
+    checkpoint: str = opt("", "MAE checkpoint with its decoder")
+    images: str = opt("builtin", "image folder, archive, a single image file or 'builtin'")
+    num_images: int = opt(8, "how many images")
+    mask_ratio: float = opt(0.75, "fraction of patches hidden")
+    grid: bool = opt(True, "one PNG grid (else one PNG per image)")
+
+    def validate(self):
+        if not self.checkpoint:
+            raise ConfigError("--checkpoint is required")
+        check_file(self.checkpoint, "--checkpoint")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
+
+
+# checks ---------------------------------------------------------------------------------------
+def check_positive(cfg, *names):
+    for n in names:
+        if getattr(cfg, n) <= 0:
+            raise ConfigError(f"{flag(n)} must be > 0, got {getattr(cfg, n)}")
+
+
+def check_file(path: str, option: str):
+    if not Path(path).exists():
+        raise ConfigError(f"{option}: no such file or directory: {path}")
+
+
+def check_common(cfg):
+    check_positive(cfg, "epochs", "batch_size", "accum_steps")
+    for n in ("base_lr", "lr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "time_limit"):
+        if getattr(cfg, n) < 0:
+            raise ConfigError(f"{flag(n)} must be >= 0, got {getattr(cfg, n)}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.keep_checkpoints < 1:
+        raise ConfigError(f"--keep-checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+    if getattr(cfg, "init", ""):
+        check_file(cfg.init, "--init")
+
+
+def check_eval(cfg):
+    if not cfg.checkpoint and not cfg.random_init:
+        raise ConfigError("--checkpoint is required (or --random-init with --model)")
+    if cfg.checkpoint:
+        check_file(cfg.checkpoint, "--checkpoint")
+    if cfg.random_init and not (cfg.model or cfg.checkpoint):
+        raise ConfigError("--random-init needs --model (an encoder preset) or a --checkpoint to copy the shape from")
+
+
+# loading ----------------------------------------------------------------------------------------
+def option_fields(cls):
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def _coerce(name: str, value, typ):
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        typ = [a for a in typing.get_args(typ) if a is not type(None)][0]
+        origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{flag(name)} must be true or false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool) or (typ is int and isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{flag(name)} must be {'an integer' if typ is int else 'a number'}, got {value!r}")
+        try:
+            return typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{flag(name)} must be {'an integer' if typ is int else 'a number'}, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{flag(name)} must be a string, got {value!r}")
+        return str(value)
+    if origin in (dict, typing.Dict) or typ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{flag(name)} must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def load_config(cls, path: Optional[str] = None, overrides: Optional[dict] = None):
+    """Defaults < YAML file < overrides; every key checked, then ``validate()``."""
+    values: Dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: no such file: {path}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config: {path} must hold a mapping of option: value")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values.update({k.replace("-", "_"): v for k, v in (overrides or {}).items()})
+
+    known = {f.name: t for f, t in option_fields(cls)}
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {flag(close[0])}?" if close else ""
+            raise ConfigError(f"unknown option {flag(key)}{hint}")
+    kwargs = {}
+    for f, typ in option_fields(cls):
+        if f.name in values:
+            v = _coerce(f.name, values[f.name], typ)
+            choices = f.metadata.get("choices")
+            if choices and v not in choices:
+                raise ConfigError(f"{flag(f.name)} must be one of {', '.join(map(str, choices))}; got {v!r}")
+            kwargs[f.name] = v
+    cfg = cls(**kwargs)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: Path):
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

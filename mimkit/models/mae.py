@@ -1,0 +1,156 @@
+"""The Masked Autoencoder (He et al. 2021), step by step: patchify, mask, encode, decode, loss.
+
+Parameter names follow the official ``MaskedAutoencoderViT``, with the encoder (a timm ViT)
+under ``encoder.``, so official checkpoints load by adding that one prefix.
+"""
+from functools import partial
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import Block
+
+from ..masking import RandomMask, random_masking
+from .pos_embed import sincos_2d
+from .vit import MaskedViT
+
+
+class MAEOutput(NamedTuple):
+    loss: torch.Tensor  # scalar: MSE over the hidden patches
+    pred: torch.Tensor  # (B, L, p*p*3) predicted pixels (normalised per patch when norm_pix_loss)
+    mask: torch.Tensor  # (B, L) 1 = hidden
+
+
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, L, p*p*C), row-major patches, pixels in (row, col, channel) order as MAE."""
+    b, c, h, w = imgs.shape
+    x = imgs.reshape(b, c, h // p, p, w // p, p)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: torch.Tensor, p: int, grid_hw=None, channels: int = 3) -> torch.Tensor:
+    """Inverse of :func:`patchify`; a square grid unless ``grid_hw`` is given."""
+    b, n, _ = x.shape
+    gh, gw = grid_hw or (int(n ** 0.5),) * 2
+    x = x.reshape(b, gh, gw, p, p, channels)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(b, channels, gh * p, gw * p)
+
+
+class MaskedAutoencoder(nn.Module):
+    def __init__(self, encoder: MaskedViT, decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
+                 mlp_ratio: float = 4.0, mask_ratio: float = 0.75, norm_pix_loss: bool = True):
+        super().__init__()
+        self.arch = dict(encoder=dict(encoder.arch), decoder_dim=decoder_dim, decoder_depth=decoder_depth,
+                         decoder_heads=decoder_heads, mlp_ratio=mlp_ratio, mask_ratio=mask_ratio,
+                         norm_pix_loss=norm_pix_loss)
+        self.encoder = encoder
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.patch_size = encoder.patch_size
+        gh, gw = encoder.grid_size
+
+        self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_pos_embed = nn.Parameter(sincos_2d(decoder_dim, gh, gw), requires_grad=False)
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.decoder_blocks = nn.ModuleList(
+            Block(decoder_dim, decoder_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(decoder_depth))
+        self.decoder_norm = norm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size ** 2 * 3)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """MAE's initialisation: xavier-uniform linears (patch projection as a linear), N(0, .02) tokens."""
+        self.apply(_init_mae)
+        w = self.encoder.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+        nn.init.normal_(self.encoder.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    # the paper's steps, in order -------------------------------------------------------
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        return patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x: torch.Tensor, grid_hw=None) -> torch.Tensor:
+        return unpatchify(x, self.patch_size, grid_hw)
+
+    def random_masking(self, imgs: torch.Tensor, mask_ratio: float, noise=None, generator=None) -> RandomMask:
+        gh, gw = imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size
+        return random_masking(imgs.shape[0], gh * gw, mask_ratio, noise=noise, generator=generator, device=imgs.device)
+
+    def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Encode the visible patches only: (B, 1 + K, D); no mask token enters the encoder."""
+        return self.encoder.forward_features(imgs, ids_keep)
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_hw=None) -> torch.Tensor:
+        """Append one shared mask token per hidden patch, unshuffle, decode to pixels: (B, L, p*p*3)."""
+        x = self.decoder_embed(latent)
+        b, n_vis, d = x.shape
+        n = ids_restore.shape[1]
+        patches = torch.cat([x[:, 1:], self.mask_token.expand(b, n + 1 - n_vis, -1)], dim=1)
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))
+        x = torch.cat([x[:, :1], patches], dim=1) + self._decoder_positions(grid_hw)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def target(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Pixels per patch, normalised by each patch's own mean and (unbiased) variance when norm_pix_loss."""
+        t = self.patchify(imgs)
+        if self.norm_pix_loss:
+            t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
+        return t
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over the hidden patches only."""
+        per_patch = (pred.float() - self.target(imgs).float()).pow(2).mean(-1)
+        return (per_patch * mask).sum() / mask.sum()
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: Optional[float] = None, noise: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> MAEOutput:
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        m = self.random_masking(imgs, ratio, noise=noise, generator=generator)
+        latent = self.forward_encoder(imgs, m.ids_keep)
+        pred = self.forward_decoder(latent, m.ids_restore, self._grid(imgs))
+        return MAEOutput(self.forward_loss(imgs, pred, m.mask), pred, m.mask)
+
+    # helpers -----------------------------------------------------------------------------
+    def _grid(self, imgs):
+        return imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size
+
+    def _decoder_positions(self, grid_hw):
+        if grid_hw is None or tuple(grid_hw) == tuple(self.encoder.grid_size):
+            return self.decoder_pos_embed
+        return resample_abs_pos_embed(self.decoder_pos_embed, new_size=list(grid_hw),
+                                      old_size=list(self.encoder.grid_size), num_prefix_tokens=1)
+
+    def reconstruct(self, imgs: torch.Tensor, mask_ratio: Optional[float] = None, noise=None, generator=None):
+        """Predicted images in the input's pixel space and the (B, L) mask; undoes the per-patch normalisation
+        with each hidden patch's true statistics, as the paper's figures do."""
+        out = self.forward(imgs, mask_ratio, noise, generator)
+        pred = out.pred.float()
+        if self.norm_pix_loss:
+            t = self.patchify(imgs).float()
+            pred = pred * (t.var(-1, keepdim=True) + 1e-6) ** 0.5 + t.mean(-1, keepdim=True)
+        return self.unpatchify(pred, self._grid(imgs)), out.mask
+
+    @classmethod
+    def from_arch(cls, arch: dict) -> "MaskedAutoencoder":
+        """Rebuild from ``model.arch`` (as stored in checkpoints)."""
+        arch = dict(arch)
+        return cls(MaskedViT(**arch.pop("encoder")), **arch)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"encoder.pos_embed", "encoder.cls_token", "mask_token", "decoder_pos_embed"}
+
+
+def _init_mae(m: nn.Module):
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

@@ -1,0 +1,93 @@
+"""``pretrain(cfg)``: build the objective, the data and the optimizer, then run the engine."""
+import logging
+from pathlib import Path
+
+import torch
+from timm.optim import create_optimizer_v2
+
+from .config import ConfigError, PretrainConfig, save_config
+from .data import check_sample, make_loader, open_images, split_train_val
+from .engine import TrainResult, effective_lr, fit, seed_everything, setup
+from .objectives import build_objective
+
+log = logging.getLogger("mimkit")
+
+
+def pretrain(cfg: PretrainConfig) -> TrainResult:
+    """Pretrain on ``cfg.data`` (its training split only) and write everything to ``cfg.output``."""
+    env = setup(cfg)
+    seed_everything(cfg.seed)
+    objective = build_objective(cfg)
+    encoder = objective.encoder
+    img_size, patch = encoder.arch["img_size"], encoder.arch["patch_size"]
+    if img_size % patch:
+        raise ConfigError(f"--img-size {img_size} is not divisible by the patch size {patch} of {cfg.model}")
+    if cfg.init:
+        _init_from(objective, cfg.init)
+
+    source = open_images(cfg.data)
+    train_idx, val_idx = split_train_val(source, cfg.val_fraction)
+    check_sample(source, min_size=patch)
+    loader = make_loader(source, train_idx, batch_size=cfg.batch_size, recipe="pretrain", img_size=img_size,
+                         aug=cfg.aug, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
+                         num_workers=cfg.num_workers, device=env.device, cache=cfg.cache)
+    if cfg.grad_checkpointing:
+        encoder.set_grad_checkpointing(True)
+
+    lr = effective_lr(cfg, env)
+    optimizer = create_optimizer_v2(objective, "adamw", lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    run_dir = Path(cfg.output)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        log.info("pretraining %s (%s, %.1fM parameters) on %d images of %s (%d held out), lr %.2e, %s on %s",
+                 cfg.objective, cfg.model, sum(p.numel() for p in objective.parameters()) / 1e6, len(train_idx),
+                 cfg.data, len(val_idx), lr, cfg.precision, env.device)
+
+    figure = _figure_callback(objective, source, val_idx if len(val_idx) else train_idx, img_size, run_dir, cfg, env)
+    result = fit(objective, optimizer, loader, cfg, run_dir, env, on_epoch_end=figure)
+    if env.is_main:
+        if figure is not None:
+            figure(result.epoch - 1, result.step, final=True)
+        if result.skipped_files:
+            log.warning("skipped %d unreadable image file(s)", len(result.skipped_files))
+        log.info("done: %d steps, %d epochs, final loss %.4f, %.1f min; checkpoints in %s", result.step,
+                 result.epoch, result.loss, result.seconds / 60, run_dir / "checkpoints")
+    return result
+
+
+def _init_from(objective, path: str):
+    """Start from released weights (any supported format); a release without a decoder keeps a fresh one."""
+    from .checkpoints import load_mae
+    if getattr(objective, "name", "") != "mae":
+        raise ConfigError("--init continues MAE pretraining; other objectives start from scratch")
+    mae, info = load_mae(path)
+    missing, unexpected = objective.model.load_state_dict(mae.state_dict(), strict=False)
+    if info.get("decoder_initialised"):
+        log.info("--init %s holds no decoder: the decoder starts freshly initialised", path)
+    log.info("--init: loaded %s", path)
+
+
+def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env):
+    """Reconstruction figures of a few fixed held-out images at every ``figure_every`` epochs and at the end."""
+    if not hasattr(objective, "model") or not hasattr(objective.model, "reconstruct"):
+        return None
+    from .viz import reconstruction_grid
+    images = None
+
+    def on_epoch_end(epoch: int, step: int, final: bool = False):
+        nonlocal images
+        if not (final or (cfg.figure_every and (epoch + 1) % cfg.figure_every == 0)):
+            return
+        if images is None:
+            loader = make_loader(source, indices[:8], batch_size=8, recipe="eval", img_size=img_size, shuffle=False,
+                                 num_workers=0, cache="off", device=env.device)
+            images = next(iter(loader))[0]
+        was_training = objective.training
+        objective.eval()
+        with torch.no_grad():
+            reconstruction_grid(objective.model, images, run_dir / "figures" / ("reconstruction.png" if final else f"reconstruction-epoch{epoch + 1:04d}.png"),
+                                mask_ratio=cfg.mask_ratio, seed=cfg.seed)
+        objective.train(was_training)
+
+    return on_epoch_end
