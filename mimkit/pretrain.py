@@ -80,7 +80,8 @@ def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env):
         if not (final or (cfg.figure_every and (epoch + 1) % cfg.figure_every == 0)):
             return
         if images is None:
-            loader = make_loader(source, indices[:8], batch_size=8, recipe="eval", img_size=img_size, shuffle=False,
+            picks = list(indices)[::max(1, len(indices) // 8)][:8]  # spread over the classes
+            loader = make_loader(source, picks, batch_size=len(picks), recipe="eval", img_size=img_size, shuffle=False,
                                  num_workers=0, cache="off", device=env.device)
             images = next(iter(loader))[0]
         was_training = objective.training

@@ -1,0 +1,90 @@
+"""The training engine: resume ends like an uninterrupted run; DDP on 2 processes equals one process."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimkit.checkpoints.io import list_checkpoints, load_checkpoint
+from mimkit.config import PretrainConfig, load_config
+from mimkit.pretrain import pretrain
+
+torch.set_num_threads(1)
+TINY = dict(data="builtin", model="vit_micro_patch4_32", decoder_dim=32, decoder_depth=1, decoder_heads=2,
+            batch_size=16, epochs=2, max_steps=6, warmup_epochs=0.1, threads=1, num_workers=0, log_every=1,
+            figure_every=0, deterministic=True, base_lr=1e-3)
+
+
+def final_params(run_dir) -> dict:
+    return load_checkpoint(list_checkpoints(run_dir)[-1])["model"]
+
+
+def test_pretrain_lowers_loss_and_writes_run_dir(tmp_path):
+    cfg = load_config(PretrainConfig, overrides={**TINY, "max_steps": 0, "epochs": 3, "val_fraction": 0.5,
+                                                 "output": str(tmp_path / "run")})
+    result = pretrain(cfg)
+    run = tmp_path / "run"
+    assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
+    assert list((run / "tensorboard").iterdir())
+    assert (run / "figures" / "reconstruction.png").is_file()
+    import json
+    losses = [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert result.step == len(losses) and losses[-1] < losses[0]
+
+
+def test_resume_ends_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    pretrain(load_config(PretrainConfig, overrides={**TINY, "output": str(full)}))
+
+    # the same run, interrupted after step 3 (a checkpoint was written at step 2), then resumed
+    import mimkit.engine as engine
+    part = tmp_path / "part"
+    original = engine.Progress.update
+
+    def crash(self, step, *a, **k):
+        original(self, step, *a, **k)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.Progress, "update", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(load_config(PretrainConfig, overrides={**TINY, "save_every": 2, "output": str(part)}))
+    monkeypatch.setattr(engine.Progress, "update", original)
+    assert load_checkpoint(list_checkpoints(part)[-1])["step"] == 2
+    pretrain(load_config(PretrainConfig, overrides={**TINY, "save_every": 2, "resume": True, "output": str(part)}))
+
+    a, b = final_params(full), final_params(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _run(args, env=None):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def _flags(d: dict):
+    out = []
+    for k, v in d.items():
+        if isinstance(v, bool):
+            out.append(f"--{'' if v else 'no-'}{k.replace('_', '-')}")
+        else:
+            out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    common = {**TINY, "max_steps": 2, "deterministic": True}
+    one = _run(["-m", "mimkit.cli", "pretrain", *_flags({**common, "batch_size": 16, "output": tmp_path / "one"})])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _run(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m", "mimkit.cli",
+                "pretrain", *_flags({**common, "batch_size": 8, "output": tmp_path / "two"})],
+               env={"OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = final_params(tmp_path / "one"), final_params(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=k)
