@@ -1,0 +1,264 @@
+"""What the three evaluations share: the encoder to evaluate, its frozen features, the data, the results file.
+
+* :func:`load_eval_encoder` turns ``--checkpoint`` / ``--random-init`` / ``--model`` into a ``MaskedViT``.
+* :func:`extract_features` runs a frozen encoder over a loader once (``inference_mode`` + autocast).
+* :func:`eval_data` opens ``--data`` and splits it; :func:`image_loader` wraps ``mimkit.data.make_loader``.
+* :class:`FeatureLoader` serves cached feature tensors with the loader interface ``engine.fit`` expects.
+* :func:`topk_accuracy`, :func:`write_results` report top-1 / top-5 (in percent).
+"""
+import json
+import logging
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..checkpoints.io import CheckpointError, load_checkpoint, load_latest
+from ..config import ConfigError
+from ..models import MaskedAutoencoder, MaskedViT, create_mae
+
+log = logging.getLogger("mimkit")
+
+
+# the encoder ----------------------------------------------------------------------------------------
+def load_eval_encoder(cfg) -> Tuple[MaskedViT, dict]:
+    """The encoder an evaluation config names, and a small description of where it came from.
+
+    ``--checkpoint`` (a file, or a run directory: its newest checkpoint) gives the trained encoder;
+    ``--random-init`` gives the same shape freshly initialised as its pretraining would start it
+    (shape from ``--model`` when given, else from the checkpoint).
+    """
+    source = {"checkpoint": cfg.checkpoint or None, "random_init": bool(cfg.random_init)}
+    if cfg.random_init and cfg.model:
+        encoder = _fresh_encoder_from_preset(cfg.model)
+        source["model"] = cfg.model
+        return encoder, source
+    if not cfg.checkpoint:
+        raise ConfigError("--checkpoint is required (or --random-init with --model)")
+    encoder, kind, full_arch = _load_checkpoint_encoder(cfg.checkpoint)
+    if cfg.random_init:
+        encoder = _fresh_encoder_like(kind, full_arch, encoder, cfg.checkpoint)
+    source["kind"] = kind
+    return encoder, source
+
+
+def _load_checkpoint_encoder(path: str):
+    """(encoder, kind, objective arch or None): through ``mimkit.checkpoints.load_encoder`` when it exists
+    (mimkit files and run directories, official MAE, HF ViTMAE, timm), else the mimkit format read here."""
+    from .. import checkpoints
+    load_encoder = getattr(checkpoints, "load_encoder", None)
+    if load_encoder is None:
+        return _load_mimkit_encoder(path)
+    try:
+        encoder = load_encoder(path)
+    except CheckpointError as e:  # a mimkit objective whose encoder is no ViT (igpt): rebuilt by its objective
+        try:
+            return _load_mimkit_encoder(path)
+        except CheckpointError:
+            raise e from None
+    return encoder, (getattr(encoder, "checkpoint_info", None) or {}).get("kind"), None
+
+
+def _read_mimkit(path: str) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        state = load_latest(p)
+        if state is None:
+            raise CheckpointError(f"no checkpoint found in run directory {p} (looked in {p / 'checkpoints'})")
+        return state
+    return load_checkpoint(p)
+
+
+def _load_mimkit_encoder(path: str):
+    from ..objectives import OBJECTIVES
+    state = _read_mimkit(path)
+    if not isinstance(state, dict) or "model" not in state or "arch" not in state:
+        raise CheckpointError(f"{path} is not a mimkit checkpoint (no 'model' and 'arch' entries)")
+    kind, arch = state.get("kind"), state["arch"]
+    if kind not in OBJECTIVES:
+        raise CheckpointError(f"{path}: cannot evaluate a checkpoint of kind {kind!r}; "
+                              f"expected a pretraining objective ({', '.join(sorted(OBJECTIVES))})")
+    try:
+        objective = OBJECTIVES[kind].build(arch)  # for 'mae': MaskedAutoencoder.from_arch under 'model.'
+        objective.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture "
+                              f"({str(e).splitlines()[0]})") from None
+    return objective.encoder, kind, arch
+
+
+def _fresh_encoder_from_preset(name: str) -> MaskedViT:
+    try:
+        return create_mae(name).encoder  # MAE's initialisation of the encoder
+    except ValueError as e:
+        raise ConfigError(f"--model: {e}") from None
+
+
+def _fresh_encoder_like(kind, arch, trained: MaskedViT, path: str) -> MaskedViT:
+    """The same shape, initialised as its pretraining objective starts it (MAE's initialisation by default)."""
+    from ..objectives import OBJECTIVES
+    if kind in OBJECTIVES and kind != "mae":
+        try:
+            arch = arch or _read_mimkit(path)["arch"]
+            return OBJECTIVES[kind].build(arch).encoder
+        except (CheckpointError, KeyError, TypeError):
+            pass
+    return MaskedAutoencoder(MaskedViT(**trained.arch)).encoder
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+# features ---------------------------------------------------------------------------------------------
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def extract_features(encoder: MaskedViT, loader, pool: str, device, precision: str = "fp32"
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features of every image the loader yields: (N, D) float32 and (N,) int64, both on the CPU."""
+    device = torch.device(device)
+    was_training = encoder.training
+    encoder.eval().to(device)
+    feats, labels = [], []
+    with torch.inference_mode(), _autocast(device, precision):
+        for images, y in loader:
+            f = encoder.extract(images.to(device, non_blocking=True), pool)
+            if pool == "mean" and not isinstance(encoder.fc_norm, nn.Identity):
+                f = encoder.fc_norm(f)  # a global-pool classifier's features: its pre-logits
+            feats.append(f.float().cpu())
+            labels.append(torch.as_tensor(y).long().cpu())
+    encoder.train(was_training)
+    if not feats:
+        return torch.zeros(0, encoder.embed_dim), torch.zeros(0, dtype=torch.long)
+    # clone: tensors made under inference_mode cannot be saved for backward later
+    return torch.cat(feats).clone(), torch.cat(labels).clone()
+
+
+class FeatureLoader:
+    """Cached (features, labels) served in shuffled batches, with the interface ``engine.fit`` uses:
+    ``len``, ``set_epoch(epoch, start_batch)``, ``num_images``, ``skipped``.
+
+    Every epoch draws a permutation from (seed, epoch); each process takes its share of every global
+    batch, so resumed and multi-process runs see the same batches. Incomplete last batches are
+    dropped, except that a set smaller than one global batch is served as a single batch.
+    """
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, *, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, device="cpu", shuffle: bool = True):
+        self.device = torch.device(device)
+        self.feats, self.labels = feats.to(self.device), labels.to(self.device)
+        self.num_images = len(feats)
+        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+        self.batch_size = min(batch_size, self.num_images // world_size)
+        if self.batch_size < batch_size:
+            log.info("batch size %d is more than the %d training images allow: using batches of %d",
+                     batch_size, self.num_images, self.batch_size)
+        self.skipped: Dict[str, str] = {}
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        if self.batch_size < 1:
+            return 0
+        return self.num_images // (self.batch_size * self.world_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.num_images, generator=g)
+        else:
+            order = torch.arange(self.num_images)
+        order = order.to(self.device)
+        global_batch = self.batch_size * self.world_size
+        for b in range(self.start_batch, len(self)):
+            start = b * global_batch + self.rank * self.batch_size
+            idx = order[start:start + self.batch_size]
+            yield self.feats[idx], self.labels[idx]
+
+
+# data -----------------------------------------------------------------------------------------------------
+def eval_data(cfg):
+    """(source, train indices, validation indices, number of classes) for ``cfg.data``; unlabeled images
+    (outside any class folder) are left out, as they cannot be scored."""
+    from ..data import DataError, open_images, split_train_val
+    source = open_images(cfg.data)
+    if not source.classes:
+        raise DataError(f"{cfg.data}: no class folders, so no labels to evaluate against (put images in "
+                        f"one sub-folder per class)")
+    train_idx, val_idx = split_train_val(source, cfg.val_fraction)
+    unlabeled = sum(source.labels[i] < 0 for i in train_idx + val_idx)
+    if unlabeled:
+        log.warning("%s: %d images outside class folders are left out of the evaluation", cfg.data, unlabeled)
+        train_idx = [i for i in train_idx if source.labels[i] >= 0]
+        val_idx = [i for i in val_idx if source.labels[i] >= 0]
+    if len(val_idx) == 0:
+        raise ConfigError(f"no validation images: --val-fraction {cfg.val_fraction} holds out nothing of {cfg.data}")
+    if len(train_idx) == 0:
+        raise ConfigError(f"no training images left in {cfg.data} after --val-fraction {cfg.val_fraction}")
+    return source, train_idx, val_idx, len(source.classes)
+
+
+def image_loader(source, indices, cfg, env, *, recipe: str = "eval", img_size: int, batch_size: Optional[int] = None,
+                 shuffle: bool = False, drop_last: bool = False, distributed: bool = False, **transform_kwargs):
+    """``mimkit.data.make_loader`` with the run's options; one process reads everything unless ``distributed``.
+
+    ``shuffle=False`` yields every image once, in order (for features and validation)."""
+    from ..data import make_loader
+    rank, world = (env.rank, env.world_size) if distributed else (0, 1)
+    return make_loader(source, indices, batch_size=batch_size or cfg.batch_size, recipe=recipe, img_size=img_size,
+                       seed=cfg.seed, rank=rank, world_size=world,
+                       num_workers=None if cfg.num_workers < 0 else cfg.num_workers, device=env.device,
+                       cache=cfg.cache, shuffle=shuffle, drop_last=drop_last, **transform_kwargs)
+
+
+def eval_img_size(cfg, encoder: MaskedViT) -> int:
+    size = cfg.img_size or encoder.arch["img_size"]
+    if size % encoder.patch_size:
+        raise ConfigError(f"--img-size {size} is not divisible by the patch size {encoder.patch_size}")
+    return size
+
+
+# results ------------------------------------------------------------------------------------------------------
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> Dict[str, float]:
+    """Top-k accuracies in percent from (N, C) scores; k is capped at the number of classes."""
+    n = len(labels)
+    if n == 0:
+        return {f"top{k}": float("nan") for k in ks}
+    kmax = min(max(ks), scores.shape[1])
+    pred = scores.topk(kmax, dim=1).indices
+    hit = pred.eq(labels.to(pred.device).view(-1, 1))
+    return {f"top{k}": 100.0 * hit[:, :min(k, kmax)].any(1).float().sum().item() / n for k in ks}
+
+
+def write_results(run_dir, command: str, results: dict) -> Path:
+    """``results.json`` in the run directory, and one line on stdout."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "results.json"
+    tmp = path.with_name(".results.json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
+    tmp.replace(path)
+    print(f"{command}: top1 {results['top1']:.2f}%  top5 {results['top5']:.2f}%  "
+          f"({results.get('num_val', '?')} validation images; {path})", flush=True)
+    return path
+
+
+def _jsonable(v):
+    if isinstance(v, (Path, torch.device)):
+        return str(v)
+    if torch.is_tensor(v):
+        return v.tolist()
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return str(v)

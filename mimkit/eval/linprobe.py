@@ -1,0 +1,94 @@
+"""``linprobe(cfg)``: a linear classifier on the frozen encoder's features, as MAE's linear probing.
+
+The head is ``BatchNorm1d(D, affine=False, eps=1e-6)`` then ``Linear(D, classes)`` (weights
+trunc-normal, std 0.01), trained with LARS (base lr 0.1, no weight decay, warm-up then cosine).
+The paper augments the probe's images (RandomResizedCrop + flip); without augmentation, as here,
+every image always gives the same feature, so features are computed once and cached, and the
+probe trains over the cached tensors through the ordinary ``engine.fit`` loop (schedule,
+checkpoints, resume, logging): the task module receives feature tensors instead of images.
+"""
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.optim import Lars
+
+from ..config import LinprobeConfig, save_config
+from ..engine import effective_lr, fit, seed_everything, setup
+from .features import (FeatureLoader, eval_data, eval_img_size, extract_features, freeze, image_loader,
+                       load_eval_encoder, topk_accuracy, write_results)
+
+log = logging.getLogger("mimkit")
+
+
+class LinearProbe(nn.Module):
+    """The task ``engine.fit`` trains: ``forward(features, labels, rng) -> cross-entropy``."""
+    name = "linprobe"
+
+    def __init__(self, dim: int, num_classes: int, encoder_arch: dict = None, pool: str = "cls"):
+        super().__init__()
+        self.arch = {"encoder": dict(encoder_arch or {}), "dim": dim, "num_classes": num_classes, "pool": pool}
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+        trunc_normal_(self.head[1].weight, std=0.01)
+        nn.init.zeros_(self.head[1].bias)
+
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.head(feats.float())
+
+    def forward(self, feats, labels, rng=None):
+        return F.cross_entropy(self.logits(feats), labels)
+
+
+def lars_optimizer(probe: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """timm's LARS as MAE uses it: weight matrices get weight decay and the trust ratio, biases neither."""
+    matrices = [p for p in probe.parameters() if p.requires_grad and p.ndim > 1]
+    vectors = [p for p in probe.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": matrices, "weight_decay": weight_decay, "always_adapt": True},
+              {"params": vectors, "weight_decay": 0.0, "always_adapt": False}]
+    return Lars([g for g in groups if g["params"]], lr=lr, momentum=0.9)
+
+
+def linprobe(cfg: LinprobeConfig) -> dict:
+    """Train the probe on the training split and return top-1 / top-5 (percent) on the validation split."""
+    t0 = time.time()
+    env = setup(cfg)
+    seed_everything(cfg.seed)
+    encoder, source_info = load_eval_encoder(cfg)
+    freeze(encoder).to(env.device)
+    img_size = eval_img_size(cfg, encoder)
+    source, train_idx, val_idx, n_classes = eval_data(cfg)
+
+    # every process computes all features (simple; the probe's batches are then sharded by FeatureLoader)
+    train_f, train_y = extract_features(encoder, image_loader(source, train_idx, cfg, env, img_size=img_size),
+                                        cfg.pool, env.device, cfg.precision)
+    val_f, val_y = extract_features(encoder, image_loader(source, val_idx, cfg, env, img_size=img_size),
+                                    cfg.pool, env.device, cfg.precision)
+    t_feat = time.time() - t0
+    loader = FeatureLoader(train_f, train_y, cfg.batch_size, seed=cfg.seed, rank=env.rank,
+                           world_size=env.world_size, device=env.device)
+
+    probe = LinearProbe(train_f.shape[1], n_classes, encoder.arch, cfg.pool)
+    lr = effective_lr(cfg, env)
+    optimizer = lars_optimizer(probe, lr, cfg.weight_decay)
+    run_dir = Path(cfg.output)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        log.info("linear probe on %d cached %d-d features (%s pool, %.1f s to extract), %d classes, lr %.3g",
+                 len(train_f), train_f.shape[1], cfg.pool, t_feat, n_classes, lr)
+    result = fit(probe, optimizer, loader, cfg, run_dir, env)
+
+    probe.eval()
+    with torch.no_grad():
+        acc = topk_accuracy(probe.logits(val_f.to(env.device)), val_y)
+    results = {"command": "linprobe", **acc, "num_train": len(train_f), "num_val": len(val_f),
+               "num_classes": n_classes, "pool": cfg.pool, "img_size": img_size, "lr": lr, "epochs": result.epoch,
+               "steps": result.step, "final_loss": result.loss, **source_info,
+               "seconds": round(time.time() - t0, 2)}
+    if env.is_main:
+        write_results(run_dir, "linprobe", results)
+    return results
