@@ -5,5 +5,14 @@ from .models import MaskedAutoencoder, MaskedViT, create_encoder, create_mae, li
 
 __version__ = "0.1.0"
 
-__all__ = ["MaskedAutoencoder", "MaskedViT", "create_encoder", "create_mae", "list_models", "load_config",
+
+def load(path, **kwargs):
+    """The model in any checkpoint mimkit reads (mimkit checkpoint or run directory, official MAE .pth, Hugging Face
+    ViTMAE directory, timm weights): a MaskedAutoencoder when it has a decoder, else the MaskedViT encoder.
+    See :func:`mimkit.checkpoints.formats.load`; features: :func:`mimkit.features.extract_features`."""
+    from .checkpoints.formats import load as _load
+    return _load(path, **kwargs)
+
+
+__all__ = ["load", "MaskedAutoencoder", "MaskedViT", "create_encoder", "create_mae", "list_models", "load_config",
            "ConfigError", "PretrainConfig", "KnnConfig", "LinprobeConfig", "FinetuneConfig", "ReconstructConfig"]

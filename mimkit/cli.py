@@ -13,11 +13,21 @@ COMMANDS = {
     "linprobe": (C.LinprobeConfig, "mimkit.eval.linprobe:linprobe", "linear probe on frozen features"),
     "finetune": (C.FinetuneConfig, "mimkit.eval.finetune:finetune", "fine-tune the encoder end to end"),
     "reconstruct": (C.ReconstructConfig, "mimkit.viz:reconstruct", "figures of masked images and their reconstructions"),
+    "export": (C.ExportConfig, "mimkit.checkpoints.formats:export_command",
+               "write weights as timm, Hugging Face ViTMAE or official MAE checkpoints"),
+    "embed": (C.EmbedConfig, "mimkit.features:embed_command", "features of a folder of images, to a .npy file"),
+    "tokenizer": (C.TokenizerConfig, "mimkit.tokenizer:tokenizer_command",
+                  "train a discrete visual tokenizer (VQ-VAE) for BEiT: mimkit tokenizer train"),
+    "sweep": (C.SweepConfig, "mimkit.sweep:sweep", "pretrain and evaluate a grid or list of runs; a table and plots"),
 }
 
 
 def add_options(parser: argparse.ArgumentParser, cls):
     parser.add_argument("--config", metavar="YAML", help="read options from a YAML file; flags override it")
+    positional = [f.name for f, _ in C.option_fields(cls) if f.metadata.get("positional")]
+    if positional:  # bare arguments fill these fields in order (the flag form works too); see _positionals
+        parser.add_argument("_positional", nargs="*", metavar=" ".join(n.upper() for n in positional),
+                            help=f"the same as {', '.join(C.flag(n) for n in positional)}")
     for f, typ in C.option_fields(cls):
         help_ = f.metadata.get("help", "")
         default = f.default if f.default is not C.dataclasses.MISSING else "{}"
@@ -32,13 +42,29 @@ def add_options(parser: argparse.ArgumentParser, cls):
             parser.add_argument(C.flag(f.name), type=str, metavar=f.name.upper(), **kw)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes are one line (``mimkit CMD: error: ...``), like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _suggest(command: str, flags: list) -> str:
+    import difflib
+    if command not in COMMANDS:
+        return ""
+    known = ["--config"] + [C.flag(f.name) for f, _ in C.option_fields(COMMANDS[command][0])]
+    close = difflib.get_close_matches(flags[0].split("=")[0], known, n=1)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 def _yaml_mapping(text: str):
     import yaml
     return yaml.safe_load(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling: MAE and its lineage.")
+    parser = OneLineParser(prog="mimkit", description="Masked image modeling: MAE and its lineage.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (cls, _, help_) in COMMANDS.items():
@@ -48,6 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positionals(parser, args: dict, extra: list) -> dict:
+    """Bare arguments to their fields, in order; argparse leaves those after an option in ``extra``."""
+    given = args.pop("_positional", []) + [a for a in extra if not a.startswith("-")]
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown or (given and args.get("command") not in COMMANDS):
+        hint = _suggest(args.get("command"), unknown) if unknown else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown or given)}{hint}")
+    if given:
+        names = [f.name for f, _ in C.option_fields(COMMANDS[args["command"]][0]) if f.metadata.get("positional")]
+        if len(given) > len(names):
+            parser.error(f"{args['command']}: too many arguments: {' '.join(given[len(names):])}")
+        for name, value in zip(names, given):
+            if name in args:
+                parser.error(f"{args['command']}: {name.upper()} given twice ({C.flag(name)} and as an argument)")
+            args[name] = value
+    return args
+
+
 def _resolve(target: str):
     import importlib
     module, fn = target.split(":")
@@ -55,7 +99,9 @@ def _resolve(target: str):
 
 
 def main(argv=None) -> int:
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    args = _positionals(parser, vars(args), extra)
     logging.basicConfig(level=logging.DEBUG if args.pop("verbose") else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     command = args.pop("command")
@@ -70,7 +116,10 @@ def main(argv=None) -> int:
     from .data import DataError
     from .engine import DivergedError, Preempted
     try:
-        cfg = C.load_config(cls, args.pop("config", None), args)
+        path = args.pop("config", None)
+        if path is None and cls is C.SweepConfig:  # `mimkit sweep CONFIG`: the bare argument is the YAML file
+            path = args.pop("file", None)
+        cfg = C.load_config(cls, path, args)
         _resolve(target)(cfg)
     except (C.ConfigError, DataError, CheckpointError, DivergedError) as e:
         print(f"mimkit {command}: error: {e}", file=sys.stderr)

@@ -7,6 +7,9 @@ runs the class's ``validate`` so bad values fail in one line before any work sta
 """
 import dataclasses
 import difflib
+import math
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +22,9 @@ class ConfigError(ValueError):
     """A bad option: the message is one line naming the option and what is allowed."""
 
 
-def opt(default, help: str, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default, help: str, choices=None, positional: bool = False):
+    """A field with its help text; ``positional=True`` also lets the CLI take it as a bare argument, in field order."""
+    return field(default=default, metadata={"help": help, "choices": choices, "positional": positional})
 
 
 def flag(name: str) -> str:
@@ -95,6 +99,12 @@ class PretrainConfig(RunOptions, DataOptions, OptimOptions, EngineOptions):
         check_common(self)
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
+        for n in ("decoder_dim", "decoder_depth", "decoder_heads", "figure_every"):
+            if getattr(self, n) < 0:
+                raise ConfigError(f"{flag(n)} must be >= 0, got {getattr(self, n)}")
+        from .objectives import OBJECTIVES
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_model(self, self.model)
 
 
 @dataclass
@@ -170,6 +180,135 @@ class ReconstructConfig(RunOptions):
             raise ConfigError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
 
 
+@dataclass
+class ExportConfig:
+    checkpoint: str = opt("", "weights to convert: a mimkit checkpoint or run directory, an official MAE .pth, a Hugging "
+                              "Face ViTMAE directory or timm weights", positional=True)
+    to: str = opt("timm", "target format", ["timm", "hf", "mae"])
+    out: str = opt("", "where to write: timm: a .safetensors/.pth file or a directory (config.json + weights); hf: a "
+                       "directory; mae: a .pth (or .safetensors) file", positional=True)
+    encoder_only: bool = opt(False, "export the encoder only (hf: a ViTMAEModel; mae: the encoder-only release layout)")
+    force: bool = opt(False, "overwrite OUT if it exists")
+
+    def validate(self):
+        for name in ("checkpoint", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name.upper()} is required: mimkit export CHECKPOINT --to timm|hf|mae OUT")
+        check_file(self.checkpoint, "CHECKPOINT")
+        if Path(self.out).exists() and not self.force:
+            raise ConfigError(f"OUT {self.out} exists; pass --force to overwrite it")
+
+
+@dataclass
+class EmbedConfig:
+    checkpoint: str = opt("", "encoder weights: any format `mimkit export` reads", positional=True)
+    images: str = opt("", "image folder, .tar/.tar.gz of one, or 'builtin'", positional=True)
+    out: str = opt("", "features file (.npy); the image names go beside it in a .txt file", positional=True)
+    pool: str = opt("cls", "class token, mean of patch tokens, or every token", ["cls", "mean", "all"])
+    img_size: int = opt(0, "input size in px (0: the checkpoint's; others interpolate the position embeddings)")
+    batch_size: int = opt(64, "images per forward pass")
+    device: str = opt("auto", "'auto' (cuda when present), 'cpu', 'cuda' or 'cuda:N'")
+    threads: int = opt(0, "CPU threads for torch (0: torch's default)")
+    num_workers: int = opt(-1, "data loader worker processes (-1: automatic)")
+
+    def validate(self):
+        for name in ("checkpoint", "images", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name.upper()} is required: mimkit embed CHECKPOINT IMAGES OUT.npy")
+        check_file(self.checkpoint, "CHECKPOINT")
+        check_positive(self, "batch_size")
+        if self.img_size < 0:
+            raise ConfigError(f"--img-size must be >= 0, got {self.img_size}")
+
+
+@dataclass
+class TokenizerConfig(RunOptions, DataOptions, OptimOptions, EngineOptions):
+    action: str = opt("train", "what to do (mimkit tokenizer train)", ["train"], positional=True)
+    output: str = opt("runs/tokenizer", "run directory: tokenizer.pt, tokenizer.json, checkpoints, metrics")
+    patch_size: int = opt(4, "pixels per token side (a power of 2; the encoder's patch size, for BEiT)")
+    codebook_size: int = opt(8192, "number of codes (BEiT's DALL-E tokenizer: 8192)")
+    code_dim: int = opt(32, "width of a code vector")
+    hidden: int = opt(64, "channels of the convolutional encoder and decoder")
+    quantizer: str = opt("ema", "codebook updates: moving averages or gradients (straight-through)", ["ema", "st"])
+    commitment: float = opt(0.25, "weight of the commitment loss")
+    decay: float = opt(0.99, "moving-average decay of the codebook (quantizer ema)")
+    aug: str = opt("rrc", "augmentation of the training images", ["rrc", "none", "fixed_crop", "rrc_jitter"])
+    epochs: int = opt(10, "training epochs")
+    base_lr: float = opt(1e-3, "learning rate per 256 images")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_epochs: float = opt(0.5, "linear warm-up length in epochs")
+
+    def validate(self):
+        check_common(self)
+        check_positive(self, "patch_size", "codebook_size", "code_dim", "hidden")
+        if self.patch_size & (self.patch_size - 1):
+            raise ConfigError(f"--patch-size must be a power of 2, got {self.patch_size}")
+        if self.codebook_size < 2:
+            raise ConfigError(f"--codebook-size must be >= 2, got {self.codebook_size}")
+        if self.commitment < 0:
+            raise ConfigError(f"--commitment must be >= 0, got {self.commitment}")
+        if not 0.0 < self.decay < 1.0:
+            raise ConfigError(f"--decay must be in (0, 1), got {self.decay}")
+        if self.img_size and self.img_size % self.patch_size:
+            raise ConfigError(f"--img-size {self.img_size} is not divisible by --patch-size {self.patch_size}")
+
+
+SWEEP_EVALS = ("knn", "linprobe", "finetune")
+
+
+@dataclass
+class SweepConfig(RunOptions):
+    file: str = opt("", "the sweep's YAML file (the same as --config)", positional=True)
+    output: str = opt("runs/sweep", "folder of the sweep: one subfolder per run, results.md, results.json, plots")
+    base: Dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "pretrain options every run shares (YAML mapping of `mimkit pretrain` options)"})
+    budget: Dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "the pretraining budget of every run: time_limit (minutes), epochs and/or max_steps"})
+    runs: Any = field(default_factory=list, metadata={
+        "help": "list of runs, each a mapping with a name and the pretrain options it changes"})
+    grid: Dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "option: [values] crossed with every run (objective_args.KEY for an objective option)"})
+    eval: Any = field(default_factory=lambda: ["knn", "linprobe"], metadata={
+        "help": "evaluations of each run: knn, linprobe, finetune (a list, or comma-separated)"})
+    knn: Dict[str, Any] = field(default_factory=dict, metadata={"help": "`mimkit knn` options for every run"})
+    linprobe: Dict[str, Any] = field(default_factory=dict, metadata={"help": "`mimkit linprobe` options"})
+    finetune: Dict[str, Any] = field(default_factory=dict, metadata={"help": "`mimkit finetune` options"})
+    tokenizer: Dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "`mimkit tokenizer train` options: trained once, used where a run says tokenizer: auto"})
+    random_init: bool = opt(False, "also evaluate the untrained encoder (a baseline row)")
+    plots: bool = opt(True, "draw accuracy against mask ratio, decoder depth and pretraining compute")
+
+    def validate(self):
+        import yaml as _yaml
+        for name in ("runs", "eval"):
+            if isinstance(getattr(self, name), str) and getattr(self, name).lstrip().startswith("["):
+                setattr(self, name, _yaml.safe_load(getattr(self, name)))
+        if isinstance(self.eval, str):
+            self.eval = [e.strip() for e in self.eval.split(",") if e.strip()]
+        if not isinstance(self.eval, list) or not all(isinstance(e, str) for e in self.eval):
+            raise ConfigError(f"--eval must be a list of {', '.join(SWEEP_EVALS)}; got {self.eval!r}")
+        for e in self.eval:
+            check_choice("eval", e, SWEEP_EVALS)
+        if not isinstance(self.runs, list) or not all(isinstance(r, dict) for r in self.runs):
+            raise ConfigError("--runs must be a list of mappings, each with a name and pretrain options")
+        names = [r.get("name") for r in self.runs]
+        for i, n in enumerate(names):
+            if not isinstance(n, str) or not re.fullmatch(r"[\w.+-]+", n):
+                raise ConfigError(f"--runs: run {i + 1} needs a name of letters, digits, '.', '+', '-' or '_'; "
+                                  f"got {n!r}")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"--runs: run names must be unique; repeated: {', '.join(dup)}")
+        for key, values in self.grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"--grid: {key} needs a non-empty list of values, got {values!r}")
+        for key in self.budget:
+            if key not in ("time_limit", "epochs", "max_steps"):
+                raise ConfigError(f"--budget: unknown key {key!r} (valid: time_limit, epochs, max_steps)")
+        if not (self.runs or self.grid):
+            raise ConfigError("a sweep needs runs: or grid: (see configs/lineage.yaml)")
+
+
 # checks ---------------------------------------------------------------------------------------
 def check_positive(cfg, *names):
     for n in names:
@@ -191,8 +330,58 @@ def check_common(cfg):
         raise ConfigError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.keep_checkpoints < 1:
         raise ConfigError(f"--keep-checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+    check_positive(cfg, "log_every", "max_bad_steps", "dist_timeout")
+    for n in ("max_steps", "save_every", "sigterm_grace", "img_size"):
+        if getattr(cfg, n) < 0:
+            raise ConfigError(f"{flag(n)} must be >= 0, got {getattr(cfg, n)}")
+    check_run(cfg)
     if getattr(cfg, "init", ""):
         check_file(cfg.init, "--init")
+
+
+def world_size() -> int:
+    """Processes in this run, as torchrun announces them (1 outside torchrun)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def check_run(cfg):
+    """Options every command that loads data shares: device, threads, workers, batch, data path."""
+    if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", cfg.device):
+        raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps; got {cfg.device!r}")
+    if cfg.threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {cfg.threads}")
+    if cfg.num_workers < -1:
+        raise ConfigError(f"--num-workers must be >= 0, or -1 for automatic; got {cfg.num_workers}")
+    check_positive(cfg, "batch_size")
+    world = world_size()
+    if cfg.batch_size < world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the {world} processes (WORLD_SIZE); "
+                          f"it must be >= {world}")
+    data = getattr(cfg, "data", "builtin")
+    if data not in ("builtin", "builtin:sample"):
+        check_file(data, "--data")
+
+
+def check_choice(name: str, value, allowed):
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), list(allowed), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{flag(name)} must be one of {', '.join(sorted(allowed))}; got {value!r}{hint}")
+
+
+def check_model(cfg, name: str, option: str = "model"):
+    """A known encoder preset whose patch size divides the image size."""
+    from .models import ENCODERS
+    check_choice(option, name, ENCODERS)
+    size, patch = cfg.img_size or ENCODERS[name]["img_size"], ENCODERS[name]["patch_size"]
+    if size % patch:
+        raise ConfigError(f"--img-size {size} is not divisible by the patch size {patch} of {name}; "
+                          f"use a multiple of {patch}")
+    if size < 2 * patch:
+        raise ConfigError(f"--img-size {size} holds a single patch of {patch} px; use at least {2 * patch}")
 
 
 def check_eval(cfg):
@@ -202,6 +391,9 @@ def check_eval(cfg):
         check_file(cfg.checkpoint, "--checkpoint")
     if cfg.random_init and not (cfg.model or cfg.checkpoint):
         raise ConfigError("--random-init needs --model (an encoder preset) or a --checkpoint to copy the shape from")
+    if cfg.model:
+        check_model(cfg, cfg.model)
+    check_run(cfg)
 
 
 # loading ----------------------------------------------------------------------------------------
@@ -227,11 +419,14 @@ def _coerce(name: str, value, typ):
         if isinstance(value, bool) or (typ is int and isinstance(value, float) and not value.is_integer()):
             raise ConfigError(f"{flag(name)} must be {'an integer' if typ is int else 'a number'}, got {value!r}")
         try:
-            return typ(value)
-        except (TypeError, ValueError):
+            out = typ(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{flag(name)} must be {'an integer' if typ is int else 'a number'}, got {value!r}") from None
+        if not math.isfinite(out):
+            raise ConfigError(f"{flag(name)} must be a finite number, got {value!r}")
+        return out
     if typ is str:
-        if isinstance(value, (dict, list)):
+        if value is None or isinstance(value, (dict, list)):
             raise ConfigError(f"{flag(name)} must be a string, got {value!r}")
         return str(value)
     if origin in (dict, typing.Dict) or typ is dict:

@@ -61,8 +61,7 @@ def _init_from(objective, path: str):
     from .checkpoints import load_mae
     if getattr(objective, "name", "") != "mae":
         raise ConfigError("--init continues MAE pretraining; other objectives start from scratch")
-    mae, info = load_mae(path)
-    missing, unexpected = objective.model.load_state_dict(mae.state_dict(), strict=False)
+    _, info = load_mae(path, model=objective.model)  # shapes checked tensor by tensor, one-line errors
     if info.get("decoder_initialised"):
         log.info("--init %s holds no decoder: the decoder starts freshly initialised", path)
     log.info("--init: loaded %s", path)
@@ -71,6 +70,8 @@ def _init_from(objective, path: str):
 def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env):
     """Reconstruction figures of a few fixed held-out images at every ``figure_every`` epochs and at the end."""
     if not hasattr(objective, "model") or not hasattr(objective.model, "reconstruct"):
+        return None
+    if not getattr(objective, "pixel_output", True):  # an MAE ablation that predicts PCA coefficients or tokens
         return None
     from .viz import reconstruction_grid
     images = None

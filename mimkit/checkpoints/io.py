@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import List, Optional
 
@@ -25,13 +26,23 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file."""
 
 
-def _write_atomic(path: Path, data: bytes):
+def _write_tmp(path: Path, data: bytes) -> Path:
+    """Write ``data`` beside ``path`` under a temporary name, flushed and fsynced; nothing is left on failure."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _write_atomic(path: Path, data: bytes):
+    tmp = _write_tmp(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -50,19 +61,91 @@ def _fsync_dir(path: Path):
 
 
 def save_checkpoint(state: dict, path) -> Path:
-    """Write ``state`` atomically with its checksum; on failure (a full disk) the old files stay intact."""
+    """Write ``state`` atomically with its checksum; on failure (a full disk) the old files stay intact.
+
+    The bytes go to a temporary file first (where a full disk fails, before anything is committed). A new
+    file then gets its ``.sha256`` before the rename, so a committed checkpoint always has one. When ``path``
+    already exists, its old sidecar is removed before the rename and the new one written after it: at no
+    moment does a sidecar sit beside bytes it does not describe (which would make a whole file look damaged).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
+    _check_weights_only(state, "state")
+    side = path.with_name(path.name + ".sha256")
+    tmp = None
     try:
-        _write_atomic(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
-        _write_atomic(path, data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+        digest = hashlib.sha256(data).hexdigest().encode()
+        tmp = _write_tmp(path, data)
+        if path.exists():
+            side.unlink(missing_ok=True)
+            _fsync_dir(path.parent)
+            os.replace(tmp, path)
+            _write_atomic(side, digest)
+        else:
+            _write_atomic(side, digest)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                side.unlink(missing_ok=True)
+                raise
     except OSError as e:
         raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}") from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
     return path
+
+
+_PLAIN = (str, int, float, bool, complex, bytes, type(None), torch.dtype, torch.device, torch.Size)  # exact types
+
+
+def _check_weights_only(obj, where: str):
+    """Refuse to write what ``weights_only`` loading could not read back (numpy scalars, custom classes, ...)."""
+    if type(obj) in (dict, OrderedDict):
+        for k, v in obj.items():
+            _check_weights_only(k, f"{where} key")
+            _check_weights_only(v, f"{where}[{k!r}]")
+    elif type(obj) in (list, tuple, set):
+        for i, v in enumerate(obj):
+            _check_weights_only(v, f"{where}[{i}]")
+    elif not (type(obj) in _PLAIN or isinstance(obj, torch.Tensor)):  # numpy.float64 is a float subclass
+        raise CheckpointError(f"cannot save {where}: a {type(obj).__module__}.{type(obj).__qualname__} would not "
+                              f"load with weights_only (use tensors, numbers, strings, lists and dicts)")
+
+
+def check_state_dict(expected, got, source: str, strict: bool = True):
+    """Compare a loaded state dict with a model's (``expected``: module or state dict) before loading it.
+
+    Every value must be a tensor of the expected shape; floating point may change precision, any other dtype
+    must match exactly. With ``strict``, missing and unexpected names are errors too. Raises
+    :class:`CheckpointError` naming the first offending tensor.
+    """
+    if isinstance(expected, torch.nn.Module):
+        expected = expected.state_dict()
+    if not isinstance(got, dict):
+        raise CheckpointError(f"{source}: expected a mapping of tensor names to tensors, got {type(got).__name__}")
+    for name, value in got.items():
+        if name not in expected:
+            if strict:
+                raise CheckpointError(f"{source}: unexpected tensor {name!r}")
+            continue
+        want = expected[name]
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{source}: {name!r} is a {type(value).__name__}, not a tensor")
+        if tuple(value.shape) != tuple(want.shape):
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(value.shape)}, "
+                                  f"expected {tuple(want.shape)}")
+        if value.dtype != want.dtype and not (value.dtype.is_floating_point and want.dtype.is_floating_point):
+            raise CheckpointError(f"{source}: tensor {name!r} has dtype {value.dtype}, expected {want.dtype}")
+    if strict:
+        missing = [n for n in expected if n not in got]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(f"{source}: missing tensor {missing[0]!r}{more}")
 
 
 def load_checkpoint(path, map_location="cpu", verify: bool = True) -> dict:
@@ -72,7 +155,7 @@ def load_checkpoint(path, map_location="cpu", verify: bool = True) -> dict:
         raise CheckpointError(f"no such checkpoint: {path}")
     data = path.read_bytes()
     side = path.with_name(path.name + ".sha256")
-    if verify and side.is_file() and side.read_text().strip() != hashlib.sha256(data).hexdigest():
+    if verify and side.is_file() and side.read_bytes().strip() != hashlib.sha256(data).hexdigest().encode():
         raise CheckpointError(f"checkpoint {path} is damaged (checksum mismatch)")
     return safe_torch_load(io.BytesIO(data), str(path), map_location)
 

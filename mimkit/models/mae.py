@@ -39,11 +39,14 @@ def unpatchify(x: torch.Tensor, p: int, grid_hw=None, channels: int = 3) -> torc
 
 class MaskedAutoencoder(nn.Module):
     def __init__(self, encoder: MaskedViT, decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
-                 mlp_ratio: float = 4.0, mask_ratio: float = 0.75, norm_pix_loss: bool = True):
+                 mlp_ratio: float = 4.0, mask_ratio: float = 0.75, norm_pix_loss: bool = True,
+                 pred_dim: Optional[int] = None):
         super().__init__()
         self.arch = dict(encoder=dict(encoder.arch), decoder_dim=decoder_dim, decoder_depth=decoder_depth,
                          decoder_heads=decoder_heads, mlp_ratio=mlp_ratio, mask_ratio=mask_ratio,
                          norm_pix_loss=norm_pix_loss)
+        if pred_dim is not None:  # another target than pixels (MAE's Table 1 ablations: PCA, tokens)
+            self.arch["pred_dim"] = pred_dim
         self.encoder = encoder
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
@@ -57,7 +60,7 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_blocks = nn.ModuleList(
             Block(decoder_dim, decoder_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(decoder_depth))
         self.decoder_norm = norm(decoder_dim)
-        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size ** 2 * 3)
+        self.decoder_pred = nn.Linear(decoder_dim, pred_dim or self.patch_size ** 2 * 3)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -139,6 +142,7 @@ class MaskedAutoencoder(nn.Module):
     def from_arch(cls, arch: dict) -> "MaskedAutoencoder":
         """Rebuild from ``model.arch`` (as stored in checkpoints)."""
         arch = dict(arch)
+        arch.pop("ablation", None)  # the MAE objective's Table 1 options (mimkit.objectives.mae), not the model's
         return cls(MaskedViT(**arch.pop("encoder")), **arch)
 
     @torch.jit.ignore

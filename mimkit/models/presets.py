@@ -55,11 +55,12 @@ def create_encoder(name: str = "vit_base_patch16_224", **overrides) -> MaskedViT
 
 
 def create_mae(name: str = "vit_base_patch16_224", *, decoder_dim=None, decoder_depth=None, decoder_heads=None,
-               mask_ratio: float = 0.75, norm_pix_loss: bool = True, **encoder_overrides) -> MaskedAutoencoder:
+               mask_ratio: float = 0.75, norm_pix_loss: bool = True, pred_dim=None,
+               **encoder_overrides) -> MaskedAutoencoder:
     """An MAE whose encoder is the preset ``name``; decoder defaults depend on the image size."""
     dec = default_decoder(name)
     for k, v in dict(decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads).items():
         if v is not None:
             dec[k] = v
     return MaskedAutoencoder(create_encoder(name, **encoder_overrides), mask_ratio=mask_ratio,
-                             norm_pix_loss=norm_pix_loss, **dec)
+                             norm_pix_loss=norm_pix_loss, pred_dim=pred_dim, **dec)

@@ -75,10 +75,13 @@ class MaskedViT(VisionTransformer):
             x = self.blocks(x)
         return self.norm(x)
 
-    def forward_features(self, imgs: torch.Tensor, ids_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 1 + K, D); any H, W divisible by the patch size."""
+    def forward_features(self, imgs: torch.Tensor, ids_keep: Optional[torch.Tensor] = None,
+                         attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1 + K, D); any H, W divisible by the patch size. timm's ``forward`` calls this."""
+        if is_causal:
+            raise ValueError("a ViT over image patches is not causal")
         grid = (imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size)
-        return self.forward_tokens(self.patch_tokens(imgs), ids_keep, grid_hw=grid)
+        return self.forward_tokens(self.patch_tokens(imgs), ids_keep, grid_hw=grid, attn_mask=attn_mask)
 
     def extract(self, imgs: torch.Tensor, pool: str = "cls") -> torch.Tensor:
         """Per-image features: 'cls' (class token), 'mean' (mean of patch tokens) or 'all' (every token)."""
