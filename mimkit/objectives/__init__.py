@@ -8,9 +8,19 @@ Register new ones in ``OBJECTIVES``.
 """
 from typing import Callable, Dict
 
+from .beit import BEiTObjective
+from .igpt import IGPTObjective
 from .mae import MAEObjective
+from .simmim import SimMIMObjective
+from .vit_mpp import ViTMPPObjective
 
-OBJECTIVES: Dict[str, Callable] = {"mae": MAEObjective}
+OBJECTIVES: Dict[str, Callable] = {
+    "mae": MAEObjective,
+    "simmim": SimMIMObjective,  # mask tokens in the encoder, a linear pixel head
+    "vit_mpp": ViTMPPObjective,  # ViT's masked patch prediction (3-bit colour targets)
+    "beit": BEiTObjective,  # tokens of a trained visual tokenizer, block-wise masks
+    "igpt": IGPTObjective,  # palette pixels, GPT (causal) or BERT
+}
 
 
 def get_objective(name: str):

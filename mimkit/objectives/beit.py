@@ -1,0 +1,110 @@
+"""BEiT (Bao et al. 2021): predict the discrete tokens of a visual tokenizer at block-wise masked patches.
+
+A tokenizer trained beforehand (``mimkit tokenizer train``, one code per patch) turns each image
+into a grid of token ids. About 40% of the patches are hidden with BEiT's block-wise algorithm;
+their embeddings become a learned mask token and the encoder runs over the whole sequence; a
+linear head over the final tokens is trained with cross-entropy to give the tokenizer's id of
+each hidden patch. The frozen tokenizer is kept inside the objective (and its checkpoints), so a
+checkpoint is complete on its own.
+
+objective_args: ``tokenizer`` (path: a ``tokenizer.pt``, its training folder or checkpoint; required);
+``mask_ratio`` (0.4; ``--mask-ratio`` when changed from its default); ``masking`` block | random;
+``min_block`` (smallest block in patches; BEiT's 16 of 196, scaled to the grid).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ConfigError
+from ..models import MaskedViT
+from .targets import (check_args, check_choice, check_fraction, check_int, draw_mask, encode_with_mask_tokens,
+                      make_encoder, masked_mean, resolve_ratio)
+
+DEFAULTS = dict(tokenizer=None, mask_ratio=None, masking="block", min_block=None)
+
+
+def open_tokenizer(objective: str, path):
+    """The frozen tokenizer named by ``objective_args.tokenizer``; a missing or bad one is a one-line ConfigError."""
+    from ..checkpoints.io import CheckpointError
+    from ..tokenizer import load_tokenizer
+    if not path:
+        raise ConfigError(f"--objective-args: objective {objective} needs tokenizer: PATH "
+                          f"(train one with `mimkit tokenizer train --data ... --output ...`)")
+    try:
+        return load_tokenizer(path)
+    except CheckpointError as e:
+        raise ConfigError(f"--objective-args: tokenizer: {e}") from None
+
+
+class FrozenTokenizer(nn.Module):
+    """Holds the tokenizer so its weights travel with the objective's checkpoint but are never trained."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        from ..tokenizer import freeze
+        self.tokenizer = freeze(tokenizer)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images):
+        with torch.autocast(images.device.type, enabled=False):
+            return self.tokenizer.encode(images.float())
+
+
+class BEiTObjective(nn.Module):
+    name = "beit"
+    option_defaults = DEFAULTS  # objective_args and their defaults
+
+    def __init__(self, encoder: MaskedViT, tokenizer_arch: dict, mask_ratio: float = 0.4, masking: str = "block",
+                 min_block=None, tokenizer=None):
+        super().__init__()
+        from ..tokenizer import VQTokenizer
+        self.arch = dict(encoder=dict(encoder.arch), tokenizer_arch=dict(tokenizer_arch), mask_ratio=mask_ratio,
+                         masking=masking, min_block=min_block)
+        self.encoder = encoder
+        self.mask_ratio, self.masking, self.min_block = mask_ratio, masking, min_block
+        self.tokenizer = FrozenTokenizer(tokenizer if tokenizer is not None else VQTokenizer.build(tokenizer_arch))
+        vocab = tokenizer_arch["codebook_size"]
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
+        self.head = nn.Linear(encoder.embed_dim, vocab)
+        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.xavier_uniform_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def build(cls, arch: dict) -> "BEiTObjective":
+        arch = dict(arch)
+        return cls(MaskedViT(**arch.pop("encoder")), **arch)
+
+    @classmethod
+    def from_config(cls, cfg) -> "BEiTObjective":
+        from ..tokenizer import tokenizer_grid_matches
+        args = check_args(cls.name, cfg.objective_args, DEFAULTS)
+        check_choice(cls.name, "masking", args["masking"], ("block", "random"))
+        ratio = resolve_ratio(cfg, args, 0.4)
+        check_fraction(cls.name, "mask_ratio", ratio)
+        if args["min_block"] is not None:
+            check_int(cls.name, "min_block", args["min_block"])
+        tok = open_tokenizer(cls.name, args["tokenizer"])
+        encoder = make_encoder(cfg)
+        bad = tokenizer_grid_matches(tok, encoder)
+        if bad:
+            raise ConfigError(f"--objective-args: tokenizer: {bad}")
+        return cls(encoder, dict(tok.arch), mask_ratio=float(ratio), masking=args["masking"],
+                   min_block=args["min_block"], tokenizer=tok)
+
+    def forward(self, images, labels=None, rng=None):
+        p = self.encoder.patch_size
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        hidden = draw_mask(self.masking, images.shape[0], grid, self.mask_ratio, rng, images.device, self.min_block)
+        ids = self.tokenizer(images)  # (B, L) visual tokens of the uncorrupted image
+        h = encode_with_mask_tokens(self.encoder, images, hidden, self.mask_token)
+        logits = self.head(h[:, 1:]).float()
+        per = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
+        return masked_mean(per, hidden)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"encoder.pos_embed", "encoder.cls_token", "mask_token"}

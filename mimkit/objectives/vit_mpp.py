@@ -1,0 +1,129 @@
+"""ViT's masked patch prediction (Dosovitskiy et al. 2020, appendix B.1.2), BERT-style on patches.
+
+Corrupt half of the patches: of those, 80% get a learned mask embedding, 10% the embedding of
+another random patch (from any image of the batch), 10% stay as they are. The encoder sees the
+full sequence; a linear head predicts, for every corrupted patch, one of three targets:
+
+- ``mean_colour``: its mean colour at 3 bits per channel, one of 512 classes (the paper's best);
+- ``mosaic``: a 4x4 downsized version at 3 bits per channel, 48 predictions of 8 classes;
+- ``pixels``: all its pixels, regressed with L2.
+
+objective_args: ``target``; ``mask_ratio`` (share corrupted, 0.5); ``mask_prob`` (0.8) and
+``random_prob`` (0.1) of the corrupted; ``bits`` (3); ``mosaic_size`` (4, must divide the patch size).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ConfigError
+from ..masking import num_visible
+from ..models import MaskedViT
+from .targets import (check_args, check_choice, check_fraction, check_int, make_encoder, masked_mean,
+                      mean_colour_classes, mosaic_classes, pixel_target, resolve_ratio, uniform)
+
+TARGETS = ("mean_colour", "mosaic", "pixels")
+DEFAULTS = dict(target="mean_colour", mask_ratio=None, mask_prob=0.8, random_prob=0.1, bits=3, mosaic_size=4)
+
+# what each patch gets: kept as is, the mask embedding, another random patch's embedding
+KEEP, MASK, RANDOM = 0, 1, 2
+
+
+def corrupt(u_select: torch.Tensor, u_kind: torch.Tensor, ratio: float, mask_prob: float, random_prob: float):
+    """From (B, L) uniform noise: ``corrupted`` (B, L) bool, exactly the ``ratio`` share per image, and
+    ``kind`` (B, L) long in {KEEP, MASK, RANDOM}, drawn per corrupted patch with probabilities
+    (1 - mask_prob - random_prob, mask_prob, random_prob); KEEP for the untouched patches."""
+    n = u_select.shape[1]
+    keep = num_visible(n, ratio)
+    corrupted = u_select.argsort(1).argsort(1) >= keep
+    kind = torch.where(u_kind < mask_prob, MASK, torch.where(u_kind < mask_prob + random_prob, RANDOM, KEEP))
+    return corrupted, torch.where(corrupted, kind, KEEP)
+
+
+class ViTMPPObjective(nn.Module):
+    name = "vit_mpp"
+    option_defaults = DEFAULTS  # objective_args and their defaults
+
+    def __init__(self, encoder: MaskedViT, target: str = "mean_colour", mask_ratio: float = 0.5,
+                 mask_prob: float = 0.8, random_prob: float = 0.1, bits: int = 3, mosaic_size: int = 4):
+        super().__init__()
+        self.arch = dict(encoder=dict(encoder.arch), target=target, mask_ratio=mask_ratio, mask_prob=mask_prob,
+                         random_prob=random_prob, bits=bits, mosaic_size=mosaic_size)
+        self.encoder = encoder
+        self.target, self.mask_ratio, self.mask_prob, self.random_prob = target, mask_ratio, mask_prob, random_prob
+        self.bits, self.mosaic_size = bits, mosaic_size
+        p, d = encoder.patch_size, encoder.embed_dim
+        out = {"mean_colour": 2 ** (3 * bits), "mosaic": mosaic_size ** 2 * 3 * 2 ** bits, "pixels": p * p * 3}[target]
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.head = nn.Linear(d, out)
+        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.xavier_uniform_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def build(cls, arch: dict) -> "ViTMPPObjective":
+        arch = dict(arch)
+        return cls(MaskedViT(**arch.pop("encoder")), **arch)
+
+    @classmethod
+    def from_config(cls, cfg) -> "ViTMPPObjective":
+        args = check_args(cls.name, cfg.objective_args, DEFAULTS)
+        check_choice(cls.name, "target", args["target"], TARGETS)
+        ratio = resolve_ratio(cfg, args, 0.5)
+        check_fraction(cls.name, "mask_ratio", ratio)
+        for key in ("mask_prob", "random_prob"):
+            v = args[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ConfigError(f"--objective-args: {key} for objective {cls.name} must be in [0, 1]; got {v!r}")
+        if args["mask_prob"] + args["random_prob"] > 1:
+            raise ConfigError(f"--objective-args: mask_prob + random_prob for objective {cls.name} must be <= 1")
+        check_int(cls.name, "bits", args["bits"])
+        check_int(cls.name, "mosaic_size", args["mosaic_size"])
+        encoder = make_encoder(cfg)
+        if args["target"] == "mosaic" and encoder.patch_size % args["mosaic_size"]:
+            raise ConfigError(f"--objective-args: mosaic_size {args['mosaic_size']} must divide the patch size "
+                              f"{encoder.patch_size} of {cfg.model}")
+        return cls(encoder, target=args["target"], mask_ratio=float(ratio), mask_prob=float(args["mask_prob"]),
+                   random_prob=float(args["random_prob"]), bits=args["bits"], mosaic_size=args["mosaic_size"])
+
+    def corrupt_tokens(self, tokens: torch.Tensor, rng=None):
+        """(B, L, D) patch embeddings -> corrupted embeddings, the (B, L) corrupted mask and the (B, L) kinds."""
+        b, n, d = tokens.shape
+        u = uniform(rng, b, n, 3, device=tokens.device)
+        corrupted, kind = corrupt(u[..., 0], u[..., 1], self.mask_ratio, self.mask_prob, self.random_prob)
+        # another patch: any position of any image in the batch, except this very one
+        flat = tokens.reshape(b * n, d)
+        src = (u[..., 2] * (b * n - 1)).long().clamp_(max=b * n - 2)
+        own = torch.arange(b * n, device=tokens.device).view(b, n)
+        src = src + (src >= own).long()
+        out = torch.where((kind == MASK)[..., None], self.mask_token.to(tokens.dtype), tokens)
+        out = torch.where((kind == RANDOM)[..., None], flat[src.flatten()].view(b, n, d), out)
+        return out, corrupted, kind
+
+    def targets(self, images: torch.Tensor) -> torch.Tensor:
+        p = self.encoder.patch_size
+        if self.target == "mean_colour":
+            return mean_colour_classes(images, p, self.bits)
+        if self.target == "mosaic":
+            return mosaic_classes(images, p, self.mosaic_size, self.bits)
+        return pixel_target(images, p, normalize=False)
+
+    def forward(self, images, labels=None, rng=None):
+        p = self.encoder.patch_size
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        tokens, corrupted, _ = self.corrupt_tokens(self.encoder.patch_tokens(images), rng)
+        pred = self.head(self.encoder.forward_tokens(tokens, grid_hw=grid)[:, 1:]).float()
+        with torch.no_grad():
+            target = self.targets(images)
+        if self.target == "mean_colour":
+            per = F.cross_entropy(pred.flatten(0, 1), target.flatten(), reduction="none").view_as(target)
+        elif self.target == "mosaic":
+            levels = 2 ** self.bits
+            per = F.cross_entropy(pred.reshape(-1, levels), target.flatten(), reduction="none")
+            per = per.view(target.shape).mean(-1)
+        else:
+            per = (pred - target).pow(2).mean(-1)
+        return masked_mean(per, corrupted)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"encoder.pos_embed", "encoder.cls_token", "mask_token"}
