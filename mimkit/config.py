@@ -171,6 +171,9 @@ class ReconstructConfig(RunOptions):
     num_images: int = opt(8, "how many images")
     mask_ratio: float = opt(0.75, "fraction of patches hidden")
     grid: bool = opt(True, "one PNG grid (else one PNG per image)")
+    target: str = opt("auto", "what the decoder predicts: as recorded in the checkpoint (official files: normalised "
+                      "pixels), or force normalised/raw (the official mae_visualize weights: raw)",
+                      ["auto", "normalised", "raw"])
 
     def validate(self):
         if not self.checkpoint:
@@ -307,6 +310,49 @@ class SweepConfig(RunOptions):
                 raise ConfigError(f"--budget: unknown key {key!r} (valid: time_limit, epochs, max_steps)")
         if not (self.runs or self.grid):
             raise ConfigError("a sweep needs runs: or grid: (see configs/lineage.yaml)")
+
+
+BENCH_CONFIGS = ("tiny32", "base224", "micro32")  # mimkit.bench.CONFIGS
+
+
+@dataclass
+class BenchConfig:
+    configs: str = opt("tiny32,base224", "configurations to time, comma-separated: tiny32 (ViT-Ti, 32 px, batch 128), "
+                       "base224 (ViT-B/16 + 512-d x 8 decoder; batch 16 on the CPU, 256 on a GPU), micro32 (tests)",
+                       positional=True)
+    precision: str = opt("fp32,bf16", "precisions to time, comma-separated: fp32, bf16 (autocast, for the peers too)")
+    peers: str = opt("hf,lightly", "peers timed beside mimkit, comma-separated: hf (transformers ViTMAE), lightly; "
+                     "'none' for mimkit alone")
+    batch_size: int = opt(0, "images per step (0: the configuration's)")
+    warmup: int = opt(3, "untimed steps per contestant before timing")
+    steps: int = opt(0, "timed steps per repeat (0: enough for about 3 s)")
+    repeats: int = opt(5, "timed repeats, contestants taking turns; the median and spread are reported")
+    compile: str = opt("off", "time mimkit under torch.compile too (both) or only (on)", ["off", "on", "both"])
+    grad_checkpointing: bool = opt(False, "also time mimkit with activation checkpointing (memory saved, cost)")
+    data: str = opt("builtin", "images for the data-pipeline timing and the loss check: a folder, .tar/.tar.gz "
+                    "or 'builtin' ('' skips both)")
+    data_batches: int = opt(20, "batches per data-pipeline repeat")
+    loss_check_steps: int = opt(300, "with bf16: steps of the bf16-vs-fp32 loss-curve check (0: skip)")
+    loss_check_batch: int = opt(32, "batch size of the loss-curve check")
+    matmul_size: int = opt(0, "side of the square matmuls that measure the machine's rate (0: 2048 CPU, 8192 GPU)")
+    device: str = opt("auto", "'auto' (cuda when present), 'cpu', 'cuda' or 'cuda:N'")
+    threads: int = opt(0, "CPU threads for torch, the same for every contestant (0: torch's default)")
+    num_workers: int = opt(-1, "data loader worker processes (-1: automatic)")
+    seed: int = opt(0, "random seed")
+    out: str = opt("", "write every measurement as JSON to this file")
+
+    def validate(self):
+        for name, allowed in (("configs", BENCH_CONFIGS), ("precision", ("fp32", "bf16")),
+                              ("peers", ("hf", "lightly", "none"))):
+            values = [v.strip() for v in str(getattr(self, name)).split(",") if v.strip()]
+            if not values:
+                raise ConfigError(f"{flag(name)} is empty; choose from {', '.join(allowed)}")
+            for v in values:
+                check_choice(name, v, allowed)
+        check_positive(self, "repeats", "data_batches", "loss_check_batch")
+        for name in ("batch_size", "warmup", "steps", "loss_check_steps", "matmul_size", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
 
 
 # checks ---------------------------------------------------------------------------------------

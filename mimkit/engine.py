@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler
 
-from .checkpoints.io import load_latest, prune_checkpoints, save_checkpoint
+from .checkpoints.io import check_state_dict, load_latest, prune_checkpoints, save_checkpoint
+from .config import ConfigError
 
 log = logging.getLogger("mimkit")
 
@@ -59,7 +60,7 @@ def setup(cfg) -> Env:
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
+        raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine")
     device = torch.device(f"cuda:{local}" if want == "cuda" else want)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -73,7 +74,7 @@ def setup(cfg) -> Env:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=getattr(cfg, "dist_timeout", 600)))
     if cfg.precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a GPU (on the CPU use bf16)")
+        raise ConfigError("--precision fp16 needs a GPU (on the CPU use bf16)")
     return Env(device, rank, world)
 
 
@@ -188,6 +189,8 @@ class StopRequest:
             signal.alarm(max(1, int(math.ceil(self.grace))))  # the default SIGALRM action ends us if saving hangs
 
     def __exit__(self, *exc):
+        if self.requested and self.grace > 0 and hasattr(signal, "alarm"):
+            signal.alarm(0)  # the checkpoint is written: a caller that goes on must not be killed later
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
 
@@ -229,7 +232,7 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
     accum = cfg.accum_steps
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch < 1:
-        raise ValueError(f"--batch-size {cfg.batch_size} x --accum-steps {accum} x {env.world_size} processes "
+        raise ConfigError(f"--batch-size {cfg.batch_size} x --accum-steps {accum} x {env.world_size} processes "
                          f"is larger than the {loader.num_images} training images")
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
@@ -245,6 +248,7 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
     step, epoch, batch_in_epoch, bad_total = 0, 0, 0, 0
     state = load_latest(run_dir) if cfg.resume else None
     if state is not None:
+        check_state_dict(task, state.get("model"), state["_path"])
         task.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -262,6 +266,7 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
     progress = Progress(total_steps, step, env.is_main, cfg.log_every)
     t_start, seen, t_window = time.time(), 0, time.time()
     timed = cfg.time_limit > 0 and state is None
+    max_steps_total, t_estimate = total_steps, (t_start, 0)
     bad_in_row, last_loss = 0, float("nan")
 
     def checkpoint():
@@ -289,14 +294,16 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
                 if micro == 0:
                     schedule.step_update(step)
                     torch.manual_seed((cfg.seed * 7919 + step * 104729 + env.rank) % 2**63)  # dropout, drop path
-                sync = micro == accum - 1 or not env.distributed
-                with (nullcontext() if sync else model.no_sync()), autocast(env, cfg.precision):
+                sync = micro == accum - 1  # the window's last micro-batch: gradients are averaged, then one update
+                with (nullcontext() if sync or not env.distributed else model.no_sync()), autocast(env, cfg.precision):
                     loss = forward(images, labels, StepRandom(cfg.seed, step, micro, env))
                     loss = loss["loss"] if isinstance(loss, dict) else loss
-                finite = torch.isfinite(loss.detach()).float()
-                if env.distributed:
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if finite.item() == 0:
+                flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                                     torch.tensor(float(sync and stop.requested), device=loss.device)])
+                if env.distributed:  # all processes skip the same steps and stop after the same one
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                not_finite, stop_now = (bool(v) for v in flags.tolist())
+                if not_finite:
                     window_bad = True
                     optimizer.zero_grad(set_to_none=True)
                 else:
@@ -332,30 +339,44 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
 
                 now = time.time()
                 ips = seen / max(now - t_window, 1e-9)
-                if timed and step == min(50, steps_per_epoch):
-                    total_steps = _fit_time_limit(cfg, step, total_steps, now - t_start, env)
+                # --time-limit: size the schedule from the measured speed, early and then every 100 steps and at
+                # each epoch's end, so a machine that gets busier or quieter still ends on time with a full cosine
+                if timed and step < total_steps and (step in (5, 10, 20, 50) or step % 100 == 0 or
+                                                     (i + 1) == steps_per_epoch * accum):
+                    per_step = (now - t_estimate[0]) / (step - t_estimate[1])
+                    total_steps = _fit_time_limit(cfg, step, max_steps_total, cfg.time_limit * 60 - (now - t_start),
+                                                  per_step, env)
                     schedule = _schedule(optimizer, cfg, total_steps, min(warmup, total_steps // 2))
+                    t_estimate = (now, step)
                 progress.update(step, last_loss, ips, (total_steps - step) * (now - t_start) / max(step, 1))
                 if step % cfg.log_every == 0 or step == total_steps:
                     metrics.write(step, loss=last_loss, lr=optimizer.param_groups[0]["lr"], images_per_s=ips,
                                   epoch=epoch)
                     seen, t_window = 0, now
-                if stop.requested:
+                if stop_now or (stop.requested and not env.distributed):
                     checkpoint()
                     progress.close()
                     metrics.close()
                     raise Preempted(f"stopped by SIGTERM at step {step}; the checkpoint is saved, continue with --resume")
-                if cfg.save_every and step % cfg.save_every == 0:
+                epoch_ends = i + 1 >= steps_per_epoch * accum or step >= total_steps
+                if cfg.save_every and step % cfg.save_every == 0 and not epoch_ends:
                     checkpoint()
+                if cfg.time_limit and now - t_start > cfg.time_limit * 60 and step < total_steps:
+                    if env.is_main:  # the estimate from the first steps was too hopeful (a busier machine)
+                        log.warning("--time-limit reached at step %d of %d: stopping early", step, total_steps)
+                    total_steps = step
                 if step >= total_steps:
                     break
-            if batch_in_epoch >= steps_per_epoch * accum or step >= total_steps:
-                metrics.write(step, epoch_time_s=time.time() - t_start, epoch=epoch)
-                epoch_done = epoch
-                epoch, batch_in_epoch = epoch + 1, 0
-                checkpoint()
-                if on_epoch_end is not None and env.is_main:
-                    on_epoch_end(epoch_done, step)
+            # the epoch is over: its batches are done, the run is, or the loader ran out early (a batch of only
+            # unreadable files yields nothing); never start the same epoch again, which could loop forever
+            if batch_in_epoch < steps_per_epoch * accum and step < total_steps and env.is_main:
+                log.warning("epoch %d ended after %d of %d batches", epoch, batch_in_epoch, steps_per_epoch * accum)
+            metrics.write(step, epoch_time_s=time.time() - t_start, epoch=epoch)
+            epoch_done = epoch
+            epoch, batch_in_epoch = epoch + 1, 0
+            checkpoint()
+            if on_epoch_end is not None and env.is_main:
+                on_epoch_end(epoch_done, step)
     progress.close()
     metrics.close()
     return TrainResult(step, epoch, last_loss, bad_total, time.time() - t_start, dict(getattr(loader, "skipped", {})))
@@ -370,16 +391,15 @@ def _schedule(optimizer, cfg, total_steps: int, warmup: int):
                              warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
 
 
-def _fit_time_limit(cfg, step: int, total_steps: int, elapsed: float, env: Env) -> int:
-    """Shrink the run so it ends within ``--time-limit`` minutes, measured on the first steps."""
-    per_step = torch.tensor(elapsed / step)
-    if env.distributed:
+def _fit_time_limit(cfg, step: int, max_total: int, seconds_left: float, per_step: float, env: Env) -> int:
+    """Total steps that end the run within ``--time-limit`` at ``per_step`` seconds a step (never more than asked)."""
+    per_step = torch.tensor(per_step)
+    if env.distributed:  # every process must agree on the schedule
         dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
-    affordable = step + int((cfg.time_limit * 60 - elapsed) / float(per_step))
-    new_total = max(step, min(total_steps, affordable))
-    if env.is_main and new_total < total_steps:
-        log.info("--time-limit %.0f min: %.2f s/step measured, the run is shortened to %d steps (%.1f epochs)",
-                 cfg.time_limit, float(per_step), new_total, new_total * cfg.epochs / total_steps)
+    new_total = max(step + 1, min(max_total, step + int(seconds_left / float(per_step))))
+    if env.is_main:
+        log.info("--time-limit %g min: %.2f s/step measured, the run is sized to %d steps", cfg.time_limit,
+                 float(per_step), new_total)
     return new_total
 
 
@@ -398,4 +418,11 @@ def _set_rng_state(state: Optional[dict]):
 
 
 def _plain(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None), dict, list))}
+    """Options as plain values (at any depth), so the checkpoint loads with weights_only."""
+    def plain(v):
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+    return {k: plain(v) for k, v in d.items()}

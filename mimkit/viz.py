@@ -50,7 +50,8 @@ def reconstruct(cfg) -> list:
     """CLI ``mimkit reconstruct``: figures for ``cfg.num_images`` images of ``cfg.images`` into ``cfg.output``."""
     from .checkpoints import load_mae
     from .data import make_loader, open_images
-    mae, info = load_mae(cfg.checkpoint, allow_missing_decoder=False)
+    norm_pix = {"auto": None, "normalised": True, "raw": False}[cfg.target]
+    mae, info = load_mae(cfg.checkpoint, allow_missing_decoder=False, norm_pix_loss=norm_pix)
     mae.eval()
     source = open_images(cfg.images)
     n = min(cfg.num_images, len(source))

@@ -71,6 +71,13 @@ class FolderSource(ImageSource):
             return f.read()
 
 
+class FileSource(FolderSource):
+    """A single image file, unlabeled."""
+
+    def __init__(self, path):
+        ImageSource.__init__(self, Path(path).parent, [Path(path).name])
+
+
 class TarSource(ImageSource):
     """A tar archive read without extracting.
 
@@ -150,6 +157,8 @@ def open_images(path) -> ImageSource:
         src = FolderSource(p)
     elif p.name.lower().endswith((".tar", ".tar.gz", ".tgz")):
         src = TarSource(p)
+    elif _is_image(p.name):  # one file, e.g. `mimkit reconstruct --images photo.jpg`
+        src = FileSource(p)
     else:
         raise DataError(f"{path}: not a folder or a .tar/.tar.gz/.tgz archive of images")
     if not len(src):
