@@ -19,6 +19,7 @@ COMMANDS = {
     "tokenizer": (C.TokenizerConfig, "mimkit.tokenizer:tokenizer_command",
                   "train a discrete visual tokenizer (VQ-VAE) for BEiT: mimkit tokenizer train"),
     "sweep": (C.SweepConfig, "mimkit.sweep:sweep", "pretrain and evaluate a grid or list of runs; a table and plots"),
+    "bench": (C.BenchConfig, "mimkit.bench:bench", "time pretraining steps against the peers (HF ViTMAE, lightly)"),
 }
 
 
@@ -64,11 +65,11 @@ def _yaml_mapping(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="mimkit", description="Masked image modeling: MAE and its lineage.")
+    parser = OneLineParser(prog="mimkit", allow_abbrev=False, description="Masked image modeling: MAE and its lineage.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (cls, _, help_) in COMMANDS.items():
-        add_options(sub.add_parser(name, help=help_, description=help_), cls)
+        add_options(sub.add_parser(name, help=help_, description=help_, allow_abbrev=False), cls)
     models = sub.add_parser("models", help="list the model presets")
     models.set_defaults(command="models")
     return parser

@@ -114,6 +114,8 @@ class EvalOptions(RunOptions, DataOptions):
     model: str = opt("", "encoder preset for --random-init (default: the checkpoint's)")
     pool: str = opt("cls", "feature: class token or mean of patch tokens", ["cls", "mean"])
     batch_size: int = opt(256, "images per forward pass")
+    feature_cache: str = opt("~/.cache/mimkit/features", "folder caching frozen features between evaluations "
+                             "(keyed by weights and images; '' : off)")
 
 
 @dataclass

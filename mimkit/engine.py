@@ -156,6 +156,11 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
         self.total = total
 
+    def set_total(self, total: int):
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+
     def update(self, step: int, loss: float, ips: float, eta_s: float):
         if self.bar is not None:
             self.bar.update(1)
@@ -298,11 +303,13 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
                 with (nullcontext() if sync or not env.distributed else model.no_sync()), autocast(env, cfg.precision):
                     loss = forward(images, labels, StepRandom(cfg.seed, step, micro, env))
                     loss = loss["loss"] if isinstance(loss, dict) else loss
+                time_up = cfg.time_limit > 0 and time.time() - t_start > cfg.time_limit * 60
                 flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                                     torch.tensor(float(sync and stop.requested), device=loss.device)])
+                                     torch.tensor(float(sync and stop.requested), device=loss.device),
+                                     torch.tensor(float(sync and time_up), device=loss.device)])
                 if env.distributed:  # all processes skip the same steps and stop after the same one
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                not_finite, stop_now = (bool(v) for v in flags.tolist())
+                not_finite, stop_now, time_up = (bool(v) for v in flags.tolist())
                 if not_finite:
                     window_bad = True
                     optimizer.zero_grad(set_to_none=True)
@@ -348,6 +355,7 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
                                                   per_step, env)
                     schedule = _schedule(optimizer, cfg, total_steps, min(warmup, total_steps // 2))
                     t_estimate = (now, step)
+                    progress.set_total(total_steps)
                 progress.update(step, last_loss, ips, (total_steps - step) * (now - t_start) / max(step, 1))
                 if step % cfg.log_every == 0 or step == total_steps:
                     metrics.write(step, loss=last_loss, lr=optimizer.param_groups[0]["lr"], images_per_s=ips,
@@ -361,7 +369,7 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
                 epoch_ends = i + 1 >= steps_per_epoch * accum or step >= total_steps
                 if cfg.save_every and step % cfg.save_every == 0 and not epoch_ends:
                     checkpoint()
-                if cfg.time_limit and now - t_start > cfg.time_limit * 60 and step < total_steps:
+                if time_up and step < total_steps:
                     if env.is_main:  # the estimate from the first steps was too hopeful (a busier machine)
                         log.warning("--time-limit reached at step %d of %d: stopping early", step, total_steps)
                     total_steps = step

@@ -30,7 +30,8 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     check_sample(source, min_size=patch)
     loader = make_loader(source, train_idx, batch_size=cfg.batch_size, recipe="pretrain", img_size=img_size,
                          aug=cfg.aug, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-                         num_workers=cfg.num_workers, device=env.device, cache=cfg.cache)
+                         num_workers=None if cfg.num_workers < 0 else cfg.num_workers, device=env.device,
+                         cache=cfg.cache, min_size=patch)
     if cfg.grad_checkpointing:
         encoder.set_grad_checkpointing(True)
 
@@ -81,7 +82,8 @@ def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env):
         if not (final or (cfg.figure_every and (epoch + 1) % cfg.figure_every == 0)):
             return
         if images is None:
-            picks = list(indices)[::max(1, len(indices) // 8)][:8]  # spread over the classes
+            picks = _good_images(source, list(indices)[::max(1, len(indices) // 8)] + list(indices), 8,
+                                 objective.encoder.patch_size)
             loader = make_loader(source, picks, batch_size=len(picks), recipe="eval", img_size=img_size, shuffle=False,
                                  num_workers=0, cache="off", device=env.device)
             images = next(iter(loader))[0]
@@ -93,3 +95,19 @@ def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env):
         objective.train(was_training)
 
     return on_epoch_end
+
+
+def _good_images(source, candidates, n: int, min_size: int):
+    """The first ``n`` distinct candidates that decode and are large enough, found quietly: the training loader
+    names each bad file once, and a figure must not name them again."""
+    from .data import BadImage, load_image
+    picks = []
+    for i in dict.fromkeys(candidates):
+        try:
+            if min(load_image(source, i).size) >= min_size:
+                picks.append(i)
+        except BadImage:
+            continue
+        if len(picks) == n:
+            break
+    return picks

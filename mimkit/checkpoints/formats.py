@@ -508,6 +508,8 @@ def _assign(module: nn.Module, src: _Source, prefix: str = "", optional: Tuple[s
             missing.append(name)
             continue
         v = src.tensors[name]
+        if v.dtype != want.dtype and not (v.dtype.is_floating_point and want.dtype.is_floating_point):
+            raise src.error(f"tensor {src.where(name)!r} has dtype {v.dtype}, expected {want.dtype}")
         if tuple(v.shape) != tuple(want.shape):
             v = _refit_positions(name, v, want, src, refit)
         use[key] = v

@@ -118,11 +118,12 @@ def collate(batch):
 
 
 def check_sample(source: ImageSource, min_size: int, n: int = 32, indices=None):
-    """Decode ``n`` evenly spaced images up front; raise DataError naming the first one smaller than ``min_size``
-    (training would skip every such image), or when none of them decodes at all."""
+    """Decode ``n`` evenly spaced images up front and raise DataError when none of them is usable: all are
+    smaller than ``min_size`` (one patch; the error names one) or none decodes. A few bad or tiny files among
+    good ones are not fatal: training skips and names each."""
     indices = range(len(source)) if indices is None else indices
     picks = sorted({indices[int(j)] for j in np.linspace(0, len(indices) - 1, min(n, len(indices)))})
-    bad = []
+    bad, small = [], []
     for i in picks:
         try:
             img = load_image(source, i)
@@ -130,8 +131,11 @@ def check_sample(source: ImageSource, min_size: int, n: int = 32, indices=None):
             bad.append(e)
             continue
         if min(img.size) < min_size:
-            raise DataError(f"{os.path.join(source.root, source.names[i])}: image is {img.size[0]}x{img.size[1]} px, "
-                            f"smaller than {min_size} px (one patch); remove such images or use a smaller patch")
+            small.append((i, img.size))
+    if small and len(small) + len(bad) == len(picks):
+        i, (w, h) = small[0]
+        raise DataError(f"{os.path.join(source.root, source.names[i])}: image is {w}x{h} px, smaller than "
+                        f"{min_size} px (one patch); remove such images or use a smaller patch")
     if len(bad) == len(picks):
         raise DataError(f"{source.root}: none of {len(picks)} sampled images decodes, e.g. {bad[0]}")
 

@@ -5,6 +5,7 @@ A source is only an index (sorted relative names, labels) plus ``read_bytes(i)``
 """
 import math
 import os
+import stat
 import tarfile
 from pathlib import Path
 
@@ -67,7 +68,11 @@ class FolderSource(ImageSource):
         super().__init__(root, names)
 
     def read_bytes(self, i):
-        with open(os.path.join(self.root, self.names[i]), "rb") as f:
+        # non-blocking open + fstat: a named pipe or device called *.jpg must fail, not block the loader forever
+        fd = os.open(os.path.join(self.root, self.names[i]), os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError("not a regular file")
             return f.read()
 
 

@@ -1,14 +1,17 @@
 """What the three evaluations share: the encoder to evaluate, its frozen features, the data, the results file.
 
 * :func:`load_eval_encoder` turns ``--checkpoint`` / ``--random-init`` / ``--model`` into a ``MaskedViT``.
-* :func:`extract_features` runs a frozen encoder over a loader once (``inference_mode`` + autocast).
+* :func:`extract_features` runs a frozen encoder over a loader once (``inference_mode`` + autocast);
+  :func:`features_for` caches its result on disk, keyed by the weights and the images.
 * :func:`eval_data` opens ``--data`` and splits it; :func:`image_loader` wraps ``mimkit.data.make_loader``.
 * :class:`FeatureLoader` serves cached feature tensors with the loader interface ``engine.fit`` expects.
 * :func:`topk_accuracy`, :func:`write_results` report top-1 / top-5 (in percent).
 """
+import hashlib
 import json
 import logging
 import math
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -141,6 +144,50 @@ def extract_features(encoder: MaskedViT, loader, pool: str, device, precision: s
         return torch.zeros(0, encoder.embed_dim), torch.zeros(0, dtype=torch.long)
     # clone: tensors made under inference_mode cannot be saved for backward later
     return torch.cat(feats).clone(), torch.cat(labels).clone()
+
+
+def features_for(encoder: MaskedViT, source, indices, cfg, env, img_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``extract_features`` over ``indices`` of ``source``, cached on disk under ``cfg.feature_cache``.
+
+    The key hashes the encoder's weights, the images (names, sizes, modification times), the pooling, size and
+    precision, so k-NN and the linear probe of one checkpoint compute features once, and nothing stale is read.
+    """
+    from ..checkpoints.io import save_checkpoint
+    cache_dir = Path(os.path.expanduser(cfg.feature_cache)) if cfg.feature_cache else None
+    path = None
+    if cache_dir is not None:
+        path = cache_dir / f"{_feature_key(encoder, source, indices, cfg.pool, img_size, cfg.precision)}.pt"
+        if path.is_file():
+            try:
+                cached = load_checkpoint(path)
+                return cached["features"], cached["labels"]
+            except CheckpointError as e:
+                log.warning("%s; computing the features again", e)
+    feats, labels = extract_features(encoder, image_loader(source, indices, cfg, env, img_size=img_size),
+                                     cfg.pool, env.device, cfg.precision)
+    if path is not None and env.is_main:
+        try:
+            save_checkpoint({"features": feats, "labels": labels}, path)
+        except CheckpointError as e:  # a cache is never worth failing the run for
+            log.warning("feature cache not written: %s", e)
+    return feats, labels
+
+
+def _feature_key(encoder, source, indices, pool, img_size, precision) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps([str(source.root), pool, img_size, precision, len(indices)]).encode())
+    root = Path(source.root)
+    for i in indices:
+        p = root / source.names[i]
+        st = p.stat() if p.is_file() else None
+        h.update(f"{source.names[i]}:{st.st_size if st else ''}:{st.st_mtime_ns if st else ''}".encode())
+    if root.is_file():  # an archive
+        st = root.stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
 
 
 class FeatureLoader:

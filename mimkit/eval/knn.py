@@ -13,8 +13,7 @@ import torch.nn.functional as F
 
 from ..config import KnnConfig, save_config
 from ..engine import seed_everything, setup
-from .features import (eval_data, eval_img_size, extract_features, image_loader, load_eval_encoder, topk_accuracy,
-                       write_results)
+from .features import (eval_data, eval_img_size, features_for, load_eval_encoder, topk_accuracy, write_results)
 
 log = logging.getLogger("mimkit")
 
@@ -50,10 +49,8 @@ def knn(cfg: KnnConfig) -> dict:
     source, train_idx, val_idx, n_classes = eval_data(cfg)
     encoder.to(env.device)
 
-    train_loader = image_loader(source, train_idx, cfg, env, img_size=img_size)
-    val_loader = image_loader(source, val_idx, cfg, env, img_size=img_size)
-    train_f, train_y = extract_features(encoder, train_loader, cfg.pool, env.device, cfg.precision)
-    val_f, val_y = extract_features(encoder, val_loader, cfg.pool, env.device, cfg.precision)
+    train_f, train_y = features_for(encoder, source, train_idx, cfg, env, img_size)
+    val_f, val_y = features_for(encoder, source, val_idx, cfg, env, img_size)
     scores = knn_scores(train_f.to(env.device), train_y, val_f.to(env.device), n_classes, cfg.k, cfg.temperature)
     acc = topk_accuracy(scores, val_y)
 

@@ -10,10 +10,11 @@ import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block
+from torch.utils.checkpoint import checkpoint
 
 from ..masking import RandomMask, random_masking
 from .pos_embed import sincos_2d
-from .vit import MaskedViT
+from .vit import Attention, MaskedViT
 
 
 class MAEOutput(NamedTuple):
@@ -25,14 +26,18 @@ class MAEOutput(NamedTuple):
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, L, p*p*C), row-major patches, pixels in (row, col, channel) order as MAE."""
     b, c, h, w = imgs.shape
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
     x = imgs.reshape(b, c, h // p, p, w // p, p)
     return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
 
 
 def unpatchify(x: torch.Tensor, p: int, grid_hw=None, channels: int = 3) -> torch.Tensor:
     """Inverse of :func:`patchify`; a square grid unless ``grid_hw`` is given."""
-    b, n, _ = x.shape
+    b, n, d = x.shape
     gh, gw = grid_hw or (int(n ** 0.5),) * 2
+    if gh * gw != n or d != p * p * channels:
+        raise ValueError(f"cannot unpatchify {n} patches of {d} values into a {gh}x{gw} grid of {p}x{p}x{channels}")
     x = x.reshape(b, gh, gw, p, p, channels)
     return torch.einsum("nhwpqc->nchpwq", x).reshape(b, channels, gh * p, gw * p)
 
@@ -58,7 +63,8 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_pos_embed = nn.Parameter(sincos_2d(decoder_dim, gh, gw), requires_grad=False)
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_blocks = nn.ModuleList(
-            Block(decoder_dim, decoder_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(decoder_depth))
+            Block(decoder_dim, decoder_heads, mlp_ratio, qkv_bias=True, norm_layer=norm, attn_layer=Attention)
+            for _ in range(decoder_depth))
         self.decoder_norm = norm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, pred_dim or self.patch_size ** 2 * 3)
         self.initialize_weights()
@@ -88,14 +94,15 @@ class MaskedAutoencoder(nn.Module):
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_hw=None) -> torch.Tensor:
         """Append one shared mask token per hidden patch, unshuffle, decode to pixels: (B, L, p*p*3)."""
-        x = self.decoder_embed(latent)
+        x = self.decoder_embed(latent)  # (B, 1 + K, d): the class token, then the K visible patches
         b, n_vis, d = x.shape
-        n = ids_restore.shape[1]
-        patches = torch.cat([x[:, 1:], self.mask_token.expand(b, n + 1 - n_vis, -1)], dim=1)
-        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))
-        x = torch.cat([x[:, :1], patches], dim=1) + self._decoder_positions(grid_hw)
+        # one gather builds the whole sequence: position i takes its visible token or the mask token (last in src)
+        src = torch.cat([x, self.mask_token.expand(b, 1, d)], dim=1)
+        index = torch.where(ids_restore < n_vis - 1, ids_restore + 1, n_vis)
+        index = torch.cat([index.new_zeros(b, 1), index], dim=1)  # the class token stays first
+        x = torch.gather(src, 1, index.unsqueeze(-1).expand(-1, -1, d)) + self._decoder_positions(grid_hw)
         for blk in self.decoder_blocks:
-            x = blk(x)
+            x = checkpoint(blk, x, use_reentrant=False) if self._checkpointing() else blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -119,6 +126,14 @@ class MaskedAutoencoder(nn.Module):
         return MAEOutput(self.forward_loss(imgs, pred, m.mask), pred, m.mask)
 
     # helpers -----------------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Recompute activations in backward (encoder and decoder) to save memory; the decoder follows the
+        encoder's flag, so ``model.encoder.set_grad_checkpointing()`` covers both."""
+        self.encoder.set_grad_checkpointing(enable)
+
+    def _checkpointing(self) -> bool:
+        return self.encoder.grad_checkpointing and torch.is_grad_enabled()
+
     def _grid(self, imgs):
         return imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size
 

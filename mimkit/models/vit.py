@@ -11,10 +11,41 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Attention as _TimmAttention
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from .pos_embed import sincos_2d
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class Attention(_TimmAttention):
+    """timm's attention (same parameters and state dict keys), with one measured exception.
+
+    Everything goes through timm's forward, i.e. ``F.scaled_dot_product_attention`` (fused kernels), except
+    bf16/fp16 on the CPU: there PyTorch's fused CPU kernel is 2-5x slower than a plain matmul-softmax-matmul
+    for MAE's short sequences (17-197 tokens; its backward dominates the step), so that case computes the same
+    attention with plain ops. ``fused_attn = False`` (e.g. for FLOP counting) still selects timm's unfused path.
+    """
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        if (attn_mask is not None or is_causal or not self.fused_attn or x.device.type != "cpu"
+                or getattr(self, "gate", None) is not None or not _low_precision(x)):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+        x = (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.proj_drop(self.proj(self.norm(x)))
+
+
+def _low_precision(x: torch.Tensor) -> bool:
+    if x.dtype in _LOW_PRECISION:
+        return True
+    return torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) in _LOW_PRECISION
 
 
 class MaskedViT(VisionTransformer):
@@ -26,7 +57,7 @@ class MaskedViT(VisionTransformer):
         super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                          num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=num_classes,
                          global_pool=global_pool, drop_path_rate=drop_path_rate,
-                         norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+                         norm_layer=partial(nn.LayerNorm, eps=1e-6), **{"attn_layer": Attention, **kwargs})
         gh, gw = self.patch_embed.grid_size
         self.pos_embed.data.copy_(sincos_2d(embed_dim, gh, gw, cls_token=True))
         # MAE keeps the sin-cos table fixed; fine-tuning may unfreeze it (it is a Parameter as in timm)
@@ -40,14 +71,22 @@ class MaskedViT(VisionTransformer):
     def patch_size(self) -> int:
         return self.patch_embed.patch_size[0]
 
-    def patch_tokens(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Embed the patches, (B, 3, H, W) -> (B, L, D), without position embeddings."""
+    def patch_tokens(self, imgs: torch.Tensor, ids_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Embed the patches, (B, 3, H, W) -> (B, L, D), or only the patches ``ids_keep`` -> (B, K, D);
+        without position embeddings."""
         p = self.patch_size
         if imgs.shape[-2] % p or imgs.shape[-1] % p:
             raise ValueError(f"image size {tuple(imgs.shape[-2:])} is not divisible by the patch size {p}")
         pe = self.patch_embed
-        # timm's PatchEmbed.forward asserts the training size; its projection works at any size
-        return pe.norm(pe.proj(imgs).flatten(2).transpose(1, 2))
+        if ids_keep is None:
+            # timm's PatchEmbed.forward asserts the training size; its projection works at any size
+            return pe.norm(pe.proj(imgs).flatten(2).transpose(1, 2))
+        # the visible patches only: one gather of their pixels, then the projection as one matmul
+        b, c, h, w = imgs.shape
+        gw = w // p
+        cells = imgs.reshape(b, c, h // p, p, gw, p).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, p, p): a view
+        pixels = cells[torch.arange(b, device=imgs.device).unsqueeze(1), ids_keep // gw, ids_keep % gw]
+        return pe.norm(F.linear(pixels.flatten(2), pe.proj.weight.flatten(1), pe.proj.bias))
 
     def position_table(self, grid_hw) -> torch.Tensor:
         """(1, 1 + h*w, D) position embeddings for a grid; resampled when it differs from training."""
@@ -58,11 +97,18 @@ class MaskedViT(VisionTransformer):
 
     def forward_tokens(self, tokens: torch.Tensor, ids_keep: Optional[torch.Tensor] = None, grid_hw=None,
                        attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Add positions, keep ``ids_keep`` patches (all when None), prepend the class token, run the blocks."""
-        pos = self.position_table(grid_hw or self.patch_embed.grid_size)
-        x = tokens + pos[:, 1:]
+        """Keep ``ids_keep`` of the (B, L, D) patch tokens (all when None), add positions, prepend the class
+        token, run the blocks."""
         if ids_keep is not None:
-            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        return self.forward_visible(tokens, ids_keep, grid_hw, attn_mask)
+
+    def forward_visible(self, tokens: torch.Tensor, ids_keep: Optional[torch.Tensor] = None, grid_hw=None,
+                        attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Tokens of the patches ``ids_keep`` (B, K, D) (all L in order when None): add their positions, prepend
+        the class token, run the blocks -> (B, 1 + K, D)."""
+        pos = self.position_table(grid_hw or self.patch_embed.grid_size)
+        x = tokens + (pos[:, 1:] if ids_keep is None else pos[0, 1:][ids_keep])
         cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
         x = self.norm_pre(self.pos_drop(torch.cat([cls, x], dim=1)))
         if attn_mask is not None:
@@ -81,7 +127,8 @@ class MaskedViT(VisionTransformer):
         if is_causal:
             raise ValueError("a ViT over image patches is not causal")
         grid = (imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size)
-        return self.forward_tokens(self.patch_tokens(imgs), ids_keep, grid_hw=grid, attn_mask=attn_mask)
+        # with ids_keep (MAE), only the visible patches are embedded at all
+        return self.forward_visible(self.patch_tokens(imgs, ids_keep), ids_keep, grid_hw=grid, attn_mask=attn_mask)
 
     def extract(self, imgs: torch.Tensor, pool: str = "cls") -> torch.Tensor:
         """Per-image features: 'cls' (class token), 'mean' (mean of patch tokens) or 'all' (every token)."""

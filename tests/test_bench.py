@@ -1,0 +1,135 @@
+"""`mimkit bench` runs end to end on a tiny configuration (so it cannot rot), and its pieces measure what they say."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from mimkit import bench as B
+from mimkit.cli import main
+from mimkit.config import BenchConfig, ConfigError, load_config
+
+PEERS = [p for p, mod in (("hf", "transformers"), ("lightly", "lightly")) if importlib.util.find_spec(mod)]
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(configs="micro32", precision="fp32,bf16", peers=",".join(PEERS) or "none", repeats=2, warmup=1,
+                steps=1, data="builtin", data_batches=2, loss_check_steps=6, loss_check_batch=8, threads=1,
+                grad_checkpointing=True, out=str(tmp_path / "bench.json"))
+    return load_config(BenchConfig, overrides={**base, **kw})
+
+
+def test_bench_runs_once_on_a_tiny_configuration(tmp_path, capsys):
+    result = B.bench(_cfg(tmp_path))
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(result["results"]))
+    impls = {r["impl"] for r in result["results"]}
+    assert impls == {"mimkit", "mimkit+ckpt", *PEERS}
+    assert {r["precision"] for r in result["results"]} == {"fp32", "bf16"}
+    for r in result["results"]:
+        ips = r["images_per_s"]
+        assert len(ips["all"]) == 2 and ips["min"] <= ips["median"] <= ips["max"] and ips["min"] > 0
+        assert r["flops_per_image"] > 0 and 0 < r["fraction_of_matmul"]
+        assert r["memory"]["state_mb"] > 0
+        if r["impl"] == "mimkit":
+            assert set(r["vs"]) == set(PEERS)
+    for p in ("fp32", "bf16"):
+        assert result["matmul"][p]["median"] > 0 and len(result["matmul"][p]["all"]) == 5 + 2  # opening + a probe per round
+    dp = result["data_pipeline"]
+    assert dp["images_per_s"]["median"] > 0 and dp["cached"]
+    lc = result["loss_check"]
+    assert len(lc["curves"]["bf16"]) == 6 and isinstance(lc["passed"], bool)
+    assert any(t["what"].startswith("data pipeline") for t in result["targets"])
+    table = capsys.readouterr().out
+    assert "img/s median" in table and "dense matmul" in table and "bf16 loss check" in table
+    m = result["machine"]
+    assert m["threads"] == 1 and m["torch"] == torch.__version__ and result["date"]
+
+
+def test_cli_bench_mimkit_alone(tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", "micro32", "--peers", "none", "--precision", "fp32", "--repeats", "1", "--warmup", "1",
+                 "--steps", "1", "--data", "", "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["impl"] for r in result["results"]] == ["mimkit"]
+    assert result["data_pipeline"] is None and result["loss_check"] is None
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["tiny23"], "--configs must be one of"),
+    (["micro32", "--precision", "fp16"], "--precision must be one of"),
+    (["micro32", "--peers", "timm"], "--peers must be one of"),
+    (["micro32", "--repeats", "0"], "--repeats must be > 0"),
+])
+def test_bad_options_are_one_line_errors(flags, message, capsys):
+    assert main(["bench", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_config_names_agree():
+    from mimkit.config import BENCH_CONFIGS
+    assert set(BENCH_CONFIGS) == set(B.CONFIGS)
+    with pytest.raises(ConfigError, match="did you mean tiny32"):
+        load_config(BenchConfig, overrides={"configs": "tiny31"})
+
+
+def test_flop_count_includes_the_cpu_attention_kernels():
+    """FLOPs counted through the fused CPU attention equal those of timm's unfused matmuls."""
+    spec = B.CONFIGS["micro32"]
+    fused = B.build_mimkit(spec, torch.device("cpu"))[0]
+    images = torch.randn(2, 3, 32, 32)
+    with_sdpa = B.count_flops(fused, images, "fp32")
+    for m in fused.module.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    unfused = B.count_flops(fused, images, "fp32")
+    e, d = spec.encoder, spec.dec
+    # the fused backward recomputes q @ k^T once per attention call: that is the whole difference
+    recompute = 2 * 17 ** 2 * e["embed_dim"] * e["depth"] + 2 * 65 ** 2 * d["decoder_dim"] * d["decoder_depth"]
+    assert with_sdpa == pytest.approx(unfused + recompute, rel=1e-9)
+    # and the count agrees with the analytic one: 3x the forward's matmuls (weight and input gradients)
+    vis, n = 1 + 16, 65
+    per_block = lambda dim, tok: 2 * tok * 12 * dim * dim + 2 * 2 * tok * tok * dim  # noqa: E731
+    fwd = (e["depth"] * per_block(e["embed_dim"], vis) + d["decoder_depth"] * per_block(d["decoder_dim"], n)
+           + 2 * 16 * 48 * e["embed_dim"] + 2 * vis * e["embed_dim"] * d["decoder_dim"] + 2 * n * d["decoder_dim"] * 48)
+    assert with_sdpa == pytest.approx(3 * fwd, rel=0.02)
+
+
+@pytest.mark.skipif(not PEERS, reason="no peer installed (pip install 'mimkit[bench]')")
+def test_peers_do_the_same_work():
+    """Same shapes, so nearly the same FLOPs (lightly predicts only the masked patches, a rounding difference)."""
+    spec, images = B.CONFIGS["micro32"], torch.randn(2, 3, 32, 32)
+    ours = B.count_flops(B.build_mimkit(spec, torch.device("cpu"))[0], images, "fp32")
+    for p in PEERS:
+        c = B.BUILDERS[p](spec, torch.device("cpu"))
+        assert B.count_flops(c, images, "fp32") == pytest.approx(ours, rel=0.05), p
+        loss = c.step(images, "bf16")
+        assert torch.isfinite(loss)
+
+
+def test_targets_are_judged_from_the_rows():
+    def row(impl, prec, ips, config="tiny32"):
+        return {"config": config, "impl": impl, "precision": prec, "images_per_s": {"median": ips},
+                "fraction_of_matmul": 0.5}
+    result = {"results": [row("mimkit", "fp32", 130), row("hf", "fp32", 100), row("lightly", "fp32", 110),
+                          row("mimkit", "bf16", 230), row("hf", "bf16", 90), row("mimkit+ckpt", "fp32", 10)],
+              "loss_check": {"config": "tiny32", "passed": True},
+              "data_pipeline": {"config": "tiny32", "images_per_s": {"median": 700}}}
+    got = {t["what"]: (round(t["measured"], 3), t["met"]) for t in B.targets(result, torch.device("cpu"))}
+    assert got == {"tiny32 mimkit fp32 / faster peer fp32 (lightly)": (round(130 / 110, 3), False),
+                   "tiny32 mimkit bf16 / faster peer fp32 (lightly)": (round(230 / 110, 3), True),
+                   "data pipeline / fastest mimkit tiny32 training step": (round(700 / 230, 3), True)}
+    result["loss_check"]["passed"] = False
+    assert not next(t for t in B.targets(result, torch.device("cpu")) if "bf16" in t["what"])["met"]
+
+
+def test_step_memory_sees_the_activations():
+    spec = B.CONFIGS["micro32"]
+    c = B.build_mimkit(spec, torch.device("cpu"))[0]
+    c.step(torch.randn(2, 3, 32, 32), "fp32")  # the optimizer state exists from the first step on
+    small = B.step_memory(c, torch.randn(2, 3, 32, 32), "fp32")
+    large = B.step_memory(c, torch.randn(64, 3, 32, 32), "fp32")
+    assert small["state_mb"] == large["state_mb"] > 0
+    if large["step_mb"] is not None:
+        assert large["step_mb"] > small["step_mb"]
