@@ -114,6 +114,8 @@ class EvalOptions(RunOptions, DataOptions):
     model: str = opt("", "encoder preset for --random-init (default: the checkpoint's)")
     pool: str = opt("cls", "feature: class token or mean of patch tokens", ["cls", "mean"])
     batch_size: int = opt(256, "images per forward pass")
+    train_images: int = opt(0, "use an evenly spaced subset of this many training images (0: all); "
+                            "for quick comparisons, the validation split stays whole")
     feature_cache: str = opt("~/.cache/mimkit/features", "folder caching frozen features between evaluations "
                              "(keyed by weights and images; '' : off)")
 
@@ -441,6 +443,8 @@ def check_eval(cfg):
         raise ConfigError("--random-init needs --model (an encoder preset) or a --checkpoint to copy the shape from")
     if cfg.model:
         check_model(cfg, cfg.model)
+    if cfg.train_images < 0:
+        raise ConfigError(f"--train-images must be >= 0, got {cfg.train_images}")
     check_run(cfg)
 
 

@@ -110,7 +110,7 @@ def _training_folder(root: Path, dest: Path, drop=()):
 @pytest.fixture(scope="module")
 def trained(fuzz, tmp_path_factory):
     """``mimkit pretrain`` over the fuzz folder (without the named pipe, which hangs, and the images smaller than
-    a patch, which stop the run: see the xfail tests), two epochs, one worker process."""
+    a patch, tested on their own below), two epochs, one worker process."""
     root, bad, good, _ = fuzz
     tmp = tmp_path_factory.mktemp("fuzzrun")
     data = tmp / "data"

@@ -251,6 +251,9 @@ def eval_data(cfg):
         val_idx = [i for i in val_idx if source.labels[i] >= 0]
     if len(val_idx) == 0:
         raise ConfigError(f"no validation images: --val-fraction {cfg.val_fraction} holds out nothing of {cfg.data}")
+    if 0 < cfg.train_images < len(train_idx):  # evenly spaced over the sorted list: every class keeps its share
+        step = len(train_idx) / cfg.train_images
+        train_idx = [train_idx[int(k * step)] for k in range(cfg.train_images)]
     if len(train_idx) == 0:
         raise ConfigError(f"no training images left in {cfg.data} after --val-fraction {cfg.val_fraction}")
     return source, train_idx, val_idx, len(source.classes)

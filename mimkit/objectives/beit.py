@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..models import MaskedViT
+from .base import MaskTokenObjective
 from .targets import (check_args, check_choice, check_fraction, check_int, draw_mask, encode_with_mask_tokens,
                       make_encoder, masked_mean, resolve_ratio)
 
@@ -53,30 +54,21 @@ class FrozenTokenizer(nn.Module):
             return self.tokenizer.encode(images.float())
 
 
-class BEiTObjective(nn.Module):
+class BEiTObjective(MaskTokenObjective):
     name = "beit"
     option_defaults = DEFAULTS  # objective_args and their defaults
 
     def __init__(self, encoder: MaskedViT, tokenizer_arch: dict, mask_ratio: float = 0.4, masking: str = "block",
                  min_block=None, tokenizer=None):
-        super().__init__()
         from ..tokenizer import VQTokenizer
+        # made before super().__init__: a fresh tokenizer draws its random weights ahead of the head's, the order
+        # seeded runs have always drawn them in
+        frozen = FrozenTokenizer(tokenizer if tokenizer is not None else VQTokenizer.build(tokenizer_arch))
+        super().__init__(encoder, tokenizer_arch["codebook_size"])  # the head gives one logit per tokenizer id
         self.arch = dict(encoder=dict(encoder.arch), tokenizer_arch=dict(tokenizer_arch), mask_ratio=mask_ratio,
                          masking=masking, min_block=min_block)
-        self.encoder = encoder
         self.mask_ratio, self.masking, self.min_block = mask_ratio, masking, min_block
-        self.tokenizer = FrozenTokenizer(tokenizer if tokenizer is not None else VQTokenizer.build(tokenizer_arch))
-        vocab = tokenizer_arch["codebook_size"]
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
-        self.head = nn.Linear(encoder.embed_dim, vocab)
-        nn.init.normal_(self.mask_token, std=0.02)
-        nn.init.xavier_uniform_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    @classmethod
-    def build(cls, arch: dict) -> "BEiTObjective":
-        arch = dict(arch)
-        return cls(MaskedViT(**arch.pop("encoder")), **arch)
+        self.tokenizer = frozen
 
     @classmethod
     def from_config(cls, cfg) -> "BEiTObjective":
@@ -104,7 +96,3 @@ class BEiTObjective(nn.Module):
         logits = self.head(h[:, 1:]).float()
         per = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
         return masked_mean(per, hidden)
-
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return {"encoder.pos_embed", "encoder.cls_token", "mask_token"}

@@ -9,38 +9,26 @@ objective_args: ``target`` pixels | norm_pixels (per-patch normalised, as MAE's 
 ``loss`` l1 (SimMIM's) | l2; ``masking`` random | block; ``mask_ratio`` (default ``--mask-ratio``);
 ``min_block`` (block masking's smallest block, in patches).
 """
-import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models import MaskedViT
+from .base import MaskTokenObjective
 from .targets import (check_args, check_choice, check_fraction, check_int, draw_mask, encode_with_mask_tokens,
                       make_encoder, masked_mean, pixel_target)
 
 DEFAULTS = dict(target="pixels", loss="l1", masking="random", mask_ratio=None, min_block=None)
 
 
-class SimMIMObjective(nn.Module):
+class SimMIMObjective(MaskTokenObjective):
     name = "simmim"
     option_defaults = DEFAULTS  # objective_args and their defaults
 
     def __init__(self, encoder: MaskedViT, mask_ratio: float = 0.6, target: str = "pixels", loss: str = "l1",
                  masking: str = "random", min_block=None):
-        super().__init__()
+        super().__init__(encoder, encoder.patch_size ** 2 * 3)  # the linear head predicts each patch's pixels
         self.arch = dict(encoder=dict(encoder.arch), mask_ratio=mask_ratio, target=target, loss=loss, masking=masking,
                          min_block=min_block)
-        self.encoder = encoder
         self.mask_ratio, self.target, self.loss, self.masking, self.min_block = mask_ratio, target, loss, masking, min_block
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
-        self.head = nn.Linear(encoder.embed_dim, encoder.patch_size ** 2 * 3)  # the linear prediction head
-        nn.init.normal_(self.mask_token, std=0.02)
-        nn.init.xavier_uniform_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    @classmethod
-    def build(cls, arch: dict) -> "SimMIMObjective":
-        arch = dict(arch)
-        return cls(MaskedViT(**arch.pop("encoder")), **arch)
 
     @classmethod
     def from_config(cls, cfg) -> "SimMIMObjective":
@@ -64,7 +52,3 @@ class SimMIMObjective(nn.Module):
         target = pixel_target(images, p, normalize=self.target == "norm_pixels")
         err = F.l1_loss(pred, target, reduction="none") if self.loss == "l1" else (pred - target).pow(2)
         return masked_mean(err.mean(-1), hidden)
-
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return {"encoder.pos_embed", "encoder.cls_token", "mask_token"}

@@ -12,12 +12,12 @@ objective_args: ``target``; ``mask_ratio`` (share corrupted, 0.5); ``mask_prob``
 ``random_prob`` (0.1) of the corrupted; ``bits`` (3); ``mosaic_size`` (4, must divide the patch size).
 """
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..masking import num_visible
 from ..models import MaskedViT
+from .base import MaskTokenObjective
 from .targets import (check_args, check_choice, check_fraction, check_int, make_encoder, masked_mean,
                       mean_colour_classes, mosaic_classes, pixel_target, resolve_ratio, uniform)
 
@@ -39,30 +39,19 @@ def corrupt(u_select: torch.Tensor, u_kind: torch.Tensor, ratio: float, mask_pro
     return corrupted, torch.where(corrupted, kind, KEEP)
 
 
-class ViTMPPObjective(nn.Module):
+class ViTMPPObjective(MaskTokenObjective):
     name = "vit_mpp"
     option_defaults = DEFAULTS  # objective_args and their defaults
 
     def __init__(self, encoder: MaskedViT, target: str = "mean_colour", mask_ratio: float = 0.5,
                  mask_prob: float = 0.8, random_prob: float = 0.1, bits: int = 3, mosaic_size: int = 4):
-        super().__init__()
+        p = encoder.patch_size
+        out = {"mean_colour": 2 ** (3 * bits), "mosaic": mosaic_size ** 2 * 3 * 2 ** bits, "pixels": p * p * 3}[target]
+        super().__init__(encoder, out)
         self.arch = dict(encoder=dict(encoder.arch), target=target, mask_ratio=mask_ratio, mask_prob=mask_prob,
                          random_prob=random_prob, bits=bits, mosaic_size=mosaic_size)
-        self.encoder = encoder
         self.target, self.mask_ratio, self.mask_prob, self.random_prob = target, mask_ratio, mask_prob, random_prob
         self.bits, self.mosaic_size = bits, mosaic_size
-        p, d = encoder.patch_size, encoder.embed_dim
-        out = {"mean_colour": 2 ** (3 * bits), "mosaic": mosaic_size ** 2 * 3 * 2 ** bits, "pixels": p * p * 3}[target]
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.head = nn.Linear(d, out)
-        nn.init.normal_(self.mask_token, std=0.02)
-        nn.init.xavier_uniform_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    @classmethod
-    def build(cls, arch: dict) -> "ViTMPPObjective":
-        arch = dict(arch)
-        return cls(MaskedViT(**arch.pop("encoder")), **arch)
 
     @classmethod
     def from_config(cls, cfg) -> "ViTMPPObjective":
@@ -123,7 +112,3 @@ class ViTMPPObjective(nn.Module):
         else:
             per = (pred - target).pow(2).mean(-1)
         return masked_mean(per, corrupted)
-
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return {"encoder.pos_embed", "encoder.cls_token", "mask_token"}
