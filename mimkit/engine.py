@@ -266,7 +266,7 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
         log.info("no checkpoint in %s: starting from scratch", run_dir)
 
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    schedule = _schedule(optimizer, cfg, total_steps, warmup)
+    schedule = _schedule(optimizer, cfg, total_steps, min(warmup, total_steps // 2))  # as a resized run does
     metrics = Metrics(run_dir, env)
     progress = Progress(total_steps, step, env.is_main, cfg.log_every)
     t_start, seen, t_window = time.time(), 0, time.time()
@@ -290,7 +290,7 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
     task.train()
     with StopRequest(getattr(cfg, "sigterm_grace", 60.0)) as stop:
         while step < total_steps:
-            loader.set_epoch(epoch, start_batch=batch_in_epoch * 1)
+            loader.set_epoch(epoch, start_batch=batch_in_epoch)
             window_bad, window_loss = False, 0.0
             for i, (images, labels) in enumerate(loader, start=batch_in_epoch):
                 if i >= steps_per_epoch * accum:  # a last partial accumulation window is dropped
@@ -298,6 +298,7 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
                 micro = i % accum
                 if micro == 0:
                     schedule.step_update(step)
+                    lr_now = optimizer.param_groups[0]["lr"]  # the step's lr (before any re-sizing below)
                     torch.manual_seed((cfg.seed * 7919 + step * 104729 + env.rank) % 2**63)  # dropout, drop path
                 sync = micro == accum - 1  # the window's last micro-batch: gradients are averaged, then one update
                 with (nullcontext() if sync or not env.distributed else model.no_sync()), autocast(env, cfg.precision):
@@ -358,7 +359,7 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
                     progress.set_total(total_steps)
                 progress.update(step, last_loss, ips, (total_steps - step) * (now - t_start) / max(step, 1))
                 if step % cfg.log_every == 0 or step == total_steps:
-                    metrics.write(step, loss=last_loss, lr=optimizer.param_groups[0]["lr"], images_per_s=ips,
+                    metrics.write(step, loss=last_loss, lr=lr_now, images_per_s=ips,
                                   epoch=epoch)
                     seen, t_window = 0, now
                 if stop_now or (stop.requested and not env.distributed):

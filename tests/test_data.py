@@ -204,8 +204,12 @@ def test_bad_files_skipped_and_named_once(tmp_path, caplog):
     for name, data in bad.items():
         (root / name).write_bytes(data)
     src = D.open_images(root)
-    with pytest.raises(D.DataError, match="tiny.png"):
-        D.check_sample(src, min_size=8)
+    D.check_sample(src, min_size=8)  # a few bad or tiny files among good ones are skipped in training, not fatal
+    only_tiny = tmp_path / "tiny"
+    for i in range(3):
+        _save(_rgb(4, 4, i), only_tiny / f"t{i}.png")
+    with pytest.raises(D.DataError, match="t0.png"):  # but a data set of images smaller than a patch is
+        D.check_sample(D.open_images(only_tiny), min_size=8)
     for cache in ("off", "on"):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="mimkit.data"):
