@@ -135,7 +135,7 @@ def extract_features(encoder: MaskedViT, loader, pool: str, device, precision: s
     with torch.inference_mode(), _autocast(device, precision):
         for images, y in loader:
             f = encoder.extract(images.to(device, non_blocking=True), pool)
-            if pool == "mean" and not isinstance(encoder.fc_norm, nn.Identity):
+            if pool == "mean" and not isinstance(getattr(encoder, "fc_norm", nn.Identity()), nn.Identity):
                 f = encoder.fc_norm(f)  # a global-pool classifier's features: its pre-logits
             feats.append(f.float().cpu())
             labels.append(torch.as_tensor(y).long().cpu())
