@@ -128,7 +128,8 @@ def build_mimkit(spec: BenchSpec, device: torch.device, variants=("mimkit",)) ->
         if v == "mimkit":
             out.append(Contestant(v, model, opt, eager, eager))
         elif v == "mimkit+compile":
-            compiled = torch.compile(model)
+            torch._dynamo.reset()  # a fresh cache per configuration: its shapes are static, compiled as such
+            compiled = torch.compile(model, dynamic=False)
             out.append(Contestant(v, model, opt, lambda x, f=compiled: f(x).loss, eager))
         elif v == "mimkit+ckpt":
             out.append(Contestant(v, model, opt, checkpointed, eager))  # FLOPs of the model, not the recompute
@@ -549,6 +550,7 @@ def bench(cfg) -> dict:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
+        out.with_suffix(".md").write_text(markdown(result) + "\n")
         log.info("bench: results in %s", out)
     return result
 
@@ -681,4 +683,40 @@ def format_table(result: dict) -> str:
             lines.append(f"  {'met ' if t['met'] else 'MISS'} {t['what']}: {t['measured']:.2f} (need {t['need']})")
     for note in result["notes"]:
         lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    """The result table as Markdown (for the README's performance section)."""
+    m = result["machine"]
+    peers = sorted({r["impl"] for r in result["results"] if not r["impl"].startswith("mimkit")})
+    lines = [f"{m.get('gpu') or m['cpu']}, {m['cpu_cores']} cores, {m['threads']} threads; torch {m['torch']}, "
+             f"timm {m['timm']}, transformers {m['transformers']}, lightly {m['lightly']}; {result['date']}; "
+             f"load average {result['load_before'][0] if result['load_before'] else '?'} before, "
+             f"{result['load_after'][0] if result.get('load_after') else '?'} after. Dense matmul measured in the "
+             "run: " + ", ".join(f"{p} {v['median'] / 1e9:.0f} GFLOP/s" for p, v in result["matmul"].items()) + ".",
+             "", "| config | precision | implementation | batch | images/s, median [min-max] | CPU share | "
+             + " | ".join(f"mimkit / {p}" for p in peers) + " | GFLOP/image | GFLOP/s | of matmul rate | peak MB |",
+             "|" + " --- |" * (10 + len(peers))]
+    for r in result["results"]:
+        ips, peak = r["images_per_s"], r["memory"]["peak_mb"]
+        vs = [f"{r['vs'][p]:.2f}x" if p in r.get("vs", {}) else "" for p in peers]
+        share = f"{100 * r['cpu_share']['median']:.0f}%" if r.get("cpu_share") else ""
+        lines.append(f"| {r['config']} | {r['precision']} | {r['impl']} | {r['batch']} | {ips['median']:.1f} "
+                     f"[{ips['min']:.1f}-{ips['max']:.1f}] | {share} | " + " | ".join(vs)
+                     + f" | {r['flops_per_image'] / 1e9:.2f} | {r['achieved_flops'] / 1e9:.1f} | "
+                     f"{100 * r['fraction_of_matmul']:.0f}% | {'-' if peak is None else f'{peak:.0f}'} |")
+    dp, lc = result.get("data_pipeline"), result.get("loss_check")
+    if dp:
+        v = dp["images_per_s"]
+        lines += ["", f"Data pipeline alone ({dp['data']}, {dp['images']} images, batch {dp['batch']}, decoded once "
+                      f"into memory: {dp['cached']}): {v['median']:.0f} images/s [{v['min']:.0f}-{v['max']:.0f}]."]
+    if lc:
+        lines += ["", f"bf16 loss check ({lc['config']}, {lc['steps']} steps of {lc['batch']} images): mean |bf16 - "
+                      f"fp32| of {lc['window']}-step means {lc['bf16_gap']:.5f}, against {lc['noise_gap']:.5f} between "
+                      f"two fp32 runs with different masks: {'pass' if lc['passed'] else 'fail'}."]
+    if result.get("targets"):
+        lines += ["", "| target | need | measured | met |", "| --- | --- | --- | --- |"]
+        lines += [f"| {t['what']} | {t['need']} | {t['measured']:.2f} | {'yes' if t['met'] else 'no'} |"
+                  for t in result["targets"]]
     return "\n".join(lines)

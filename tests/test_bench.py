@@ -22,6 +22,8 @@ def _cfg(tmp_path, **kw):
 def test_bench_runs_once_on_a_tiny_configuration(tmp_path, capsys):
     result = B.bench(_cfg(tmp_path))
     saved = json.loads((tmp_path / "bench.json").read_text())
+    md = (tmp_path / "bench.md").read_text()
+    assert "| micro32 | fp32 | mimkit |" in md and "bf16 loss check" in md
     assert saved["results"] == json.loads(json.dumps(result["results"]))
     impls = {r["impl"] for r in result["results"]}
     assert impls == {"mimkit", "mimkit+ckpt", *PEERS}

@@ -182,6 +182,16 @@ def test_the_training_step_traces_without_graph_breaks():
     torch._dynamo.reset()
 
 
+def test_compiles_with_dynamic_shapes():
+    """A second image size or batch makes torch.compile trace symbolic shapes: masking must trace too."""
+    torch._dynamo.reset()
+    model = _model()
+    compiled = torch.compile(model, backend="eager", dynamic=True)
+    for b, size in ((4, 32), (3, 48)):
+        assert torch.isfinite(compiled(_batch(b, size)).loss)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_forward_has_no_per_sample_python_loop(precision):
     """Masking, gathers and loss are batched ops: a 4x larger batch runs exactly the same ops."""

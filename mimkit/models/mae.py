@@ -86,6 +86,8 @@ class MaskedAutoencoder(nn.Module):
 
     def random_masking(self, imgs: torch.Tensor, mask_ratio: float, noise=None, generator=None) -> RandomMask:
         gh, gw = imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size
+        if noise is None and generator is None:  # rand(..., generator=None) does not trace with dynamic shapes
+            noise = torch.rand(imgs.shape[0], gh * gw, device=imgs.device)
         return random_masking(imgs.shape[0], gh * gw, mask_ratio, noise=noise, generator=generator, device=imgs.device)
 
     def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
