@@ -638,6 +638,10 @@ def targets(result: dict, device: torch.device) -> List[dict]:
     return out
 
 
+def _num(v: float) -> str:
+    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
 def format_table(result: dict) -> str:
     m = result["machine"]
     lines = [f"mimkit bench: {m.get('gpu') or m['cpu']} ({m['cpu_cores']} cores, {m['threads']} threads), torch "
@@ -653,7 +657,7 @@ def format_table(result: dict) -> str:
     for r in result["results"]:
         ips, peak = r["images_per_s"], r["memory"]["peak_mb"]
         table.append([r["config"], r["precision"], r["impl"], str(r["batch"]),
-                      f"{ips['median']:.1f} [{ips['min']:.1f}-{ips['max']:.1f}]",
+                      f"{_num(ips['median'])} [{_num(ips['min'])}-{_num(ips['max'])}]",
                       f"{100 * r['cpu_share']['median']:.0f}%" if r.get("cpu_share") else ""]
                      + [f"{r['vs'][p]:.2f}x" if p in r.get("vs", {}) else "" for p in peers]
                      + [f"{r['flops_per_image'] / 1e9:.2f}", f"{r['achieved_flops'] / 1e9:.1f}",
@@ -702,8 +706,8 @@ def markdown(result: dict) -> str:
         ips, peak = r["images_per_s"], r["memory"]["peak_mb"]
         vs = [f"{r['vs'][p]:.2f}x" if p in r.get("vs", {}) else "" for p in peers]
         share = f"{100 * r['cpu_share']['median']:.0f}%" if r.get("cpu_share") else ""
-        lines.append(f"| {r['config']} | {r['precision']} | {r['impl']} | {r['batch']} | {ips['median']:.1f} "
-                     f"[{ips['min']:.1f}-{ips['max']:.1f}] | {share} | " + " | ".join(vs)
+        lines.append(f"| {r['config']} | {r['precision']} | {r['impl']} | {r['batch']} | {_num(ips['median'])} "
+                     f"[{_num(ips['min'])}-{_num(ips['max'])}] | {share} | " + " | ".join(vs)
                      + f" | {r['flops_per_image'] / 1e9:.2f} | {r['achieved_flops'] / 1e9:.1f} | "
                      f"{100 * r['fraction_of_matmul']:.0f}% | {'-' if peak is None else f'{peak:.0f}'} |")
     dp, lc = result.get("data_pipeline"), result.get("loss_check")
