@@ -360,6 +360,10 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads, device {dev}")
 
 
+def _images(n) -> str:
+    return "" if n is None else f"{n / 1000:.0f}k" if n >= 1000 else str(n)
+
+
 def _num(v, fmt="{:.1f}") -> str:
     return "" if v is None else fmt.format(v)
 
@@ -367,7 +371,7 @@ def _num(v, fmt="{:.1f}") -> str:
 def write_results(cfg: SweepConfig, out: Path, rows: List[dict]) -> dict:
     evals = list(cfg.eval)
     base = {k: v for k, v in cfg.base.items()}
-    header = ["run", "objective", "settings", "steps", "epochs", "pretrain min", "PFLOPs"] + \
+    header = ["run", "objective", "settings", "steps", "images seen", "pretrain min", "PFLOPs"] + \
              [f"{e} top-1" for e in evals]
     lines = [f"# Sweep results: {out.name}", "",
              f"- data: {base.get('data', 'builtin')} (validation: the last {base.get('val_fraction', 0.1):g} of each "
@@ -384,7 +388,7 @@ def write_results(cfg: SweepConfig, out: Path, rows: List[dict]) -> dict:
             continue
         flops = r.get("pretrain_flops")
         cells = [r["name"], r.get("objective", ""), r.get("settings", ""), str(r.get("steps", "")),
-                 str(r.get("epochs", "")), _num((r.get("pretrain_seconds") or 0) / 60),
+                 _images(r.get("images_seen")), _num((r.get("pretrain_seconds") or 0) / 60),
                  _num(flops / 1e15 if flops is not None else None, "{:.3g}")]
         cells += [_num(r.get(f"{e}_top1")) for e in evals]
         lines.append("| " + " | ".join(cells) + " |")
@@ -465,7 +469,9 @@ def plot_results(out: Path, rows: List[dict], evals: List[str]) -> List[str]:
             if base:
                 ax.axhline(base[0][f"{e}_top1"], color="gray", ls="--", lw=1, label="random init")
                 ax.legend(fontsize=7)
-            ax.set_xscale("log")
+            xs = [r["pretrain_flops"] for r in pts]
+            if max(xs) > 10 * min(xs):  # a log axis only where the compute spans an order of magnitude
+                ax.set_xscale("log")
             ax.set_xlabel("pretraining compute (PFLOPs, forward + backward)")
             ax.set_ylabel(f"{e} top-1 (%)")
             ax.grid(alpha=0.3)
