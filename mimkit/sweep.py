@@ -420,6 +420,14 @@ def _series_key(row: dict, axis: str) -> str:
     return objective + (f" ({rest})" if rest else "")
 
 
+def _random_init_line(ax, rows: List[dict], e: str):
+    """The untrained encoder as a dashed reference line, so the plot's scale shows how much pretraining buys."""
+    base = [r for r in rows if r["name"] == RANDOM_INIT and r.get(f"{e}_top1") is not None]
+    if base:
+        ax.axhline(base[0][f"{e}_top1"], color="gray", ls="--", lw=1, label="random init")
+        ax.legend(fontsize=7)
+
+
 def plot_results(out: Path, rows: List[dict], evals: List[str]) -> List[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -444,6 +452,7 @@ def plot_results(out: Path, rows: List[dict], evals: List[str]) -> List[str]:
                 pts.sort()
                 ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=key)
                 drawn = True
+            _random_init_line(ax, good, e)
             ax.set_xlabel(label)
             ax.set_ylabel(f"{e} top-1 (%)")
             ax.grid(alpha=0.3)
@@ -465,10 +474,7 @@ def plot_results(out: Path, rows: List[dict], evals: List[str]) -> List[str]:
                 ax.scatter(r["pretrain_flops"] / 1e15, r[f"{e}_top1"], s=18)
                 ax.annotate(r["name"], (r["pretrain_flops"] / 1e15, r[f"{e}_top1"]), fontsize=6,
                             xytext=(3, 2), textcoords="offset points")
-            base = [r for r in good if r["name"] == RANDOM_INIT and r.get(f"{e}_top1") is not None]
-            if base:
-                ax.axhline(base[0][f"{e}_top1"], color="gray", ls="--", lw=1, label="random init")
-                ax.legend(fontsize=7)
+            _random_init_line(ax, good, e)
             xs = [r["pretrain_flops"] for r in pts]
             if max(xs) > 10 * min(xs):  # a log axis only where the compute spans an order of magnitude
                 ax.set_xscale("log")
