@@ -10,7 +10,7 @@ install:
 
 demo: install
 	$(PYTHON) -m mimkit.cli pretrain --config configs/demo.yaml --output $(DEMO)
-	$(PYTHON) -m mimkit.cli reconstruct --checkpoint $(DEMO) --images builtin --output $(DEMO)/figures
+	$(PYTHON) -m mimkit.cli reconstruct --checkpoint $(DEMO) --images builtin --val-fraction 0.1 --output $(DEMO)/figures
 	$(PYTHON) -m mimkit.cli knn --checkpoint $(DEMO) --data builtin --output $(DEMO)/knn
 	$(PYTHON) -m mimkit.cli knn --checkpoint $(DEMO) --data builtin --random-init --output $(DEMO)/knn-random-init
 

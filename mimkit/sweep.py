@@ -37,7 +37,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .checkpoints.io import list_checkpoints, load_checkpoint
+from .checkpoints.io import list_checkpoints, load_checkpoint, write_json
 from .config import (ConfigError, FinetuneConfig, KnnConfig, LinprobeConfig, PretrainConfig, RunOptions,
                      SweepConfig, TokenizerConfig, load_config, option_fields, save_config)
 
@@ -154,13 +154,6 @@ def _read_json(path: Path) -> Optional[dict]:
         return None
 
 
-def _write_json(path: Path, data):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 def train_flops_per_image(kind: str, arch: dict, img_size: int) -> float:
     """Forward + backward FLOPs of one training image for the objective ``kind`` with ``arch``."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -205,7 +198,7 @@ def pretrain_run(values: dict, run_dir: Path) -> dict:
               "pretrain_seconds": round(result.seconds, 1), "resumed": resumed, "images_seen": images_seen,
               "train_flops_per_image": per_image, "pretrain_flops": per_image * images_seen,
               "checkpoint": str(ckpt), **describe(kind, arch)}
-    _write_json(done, record)
+    write_json(done, record)
     return record
 
 
@@ -251,7 +244,7 @@ def run_one(cfg: SweepConfig, run: dict, out: Path, tokenizer: Optional[str]) ->
     row = {"name": run["name"], "settings": settings(run), **record,
            **{f"{e}_top1": evals[e].get("top1") for e in cfg.eval},
            **{f"{e}_top5": evals[e].get("top5") for e in cfg.eval}, "spec": spec}
-    _write_json(run_dir / "result.json", row)
+    write_json(run_dir / "result.json", row)
     return row
 
 
@@ -269,7 +262,7 @@ def random_init_row(cfg: SweepConfig, out: Path) -> dict:
     row = {"name": RANDOM_INIT, "settings": "no pretraining", "objective": "-", "steps": 0, "pretrain_seconds": 0.0,
            "pretrain_flops": 0.0, **{f"{e}_top1": evals[e].get("top1") for e in cfg.eval},
            **{f"{e}_top5": evals[e].get("top5") for e in cfg.eval}}
-    _write_json(run_dir / "result.json", row)
+    write_json(run_dir / "result.json", row)
     return row
 
 
@@ -401,7 +394,7 @@ def write_results(cfg: SweepConfig, out: Path, rows: List[dict]) -> dict:
     (out / "results.md").write_text("\n".join(lines) + "\n")
     summary = {"machine": machine(), "budget": cfg.budget, "base": base, "eval": evals,
                "runs": [{k: v for k, v in r.items() if k != "spec"} for r in rows]}
-    _write_json(out / "results.json", summary)
+    write_json(out / "results.json", summary)
     return summary
 
 

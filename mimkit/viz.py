@@ -46,18 +46,45 @@ def reconstruction_grid(mae, images: torch.Tensor, path, mask_ratio: float = 0.7
     return path
 
 
+@torch.no_grad()
+def masked_mse(mae, images: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0, batch_size: int = 256) -> dict:
+    """The MAE loss (MSE on the hidden patches, in the decoder's target space) over ``images`` with seeded masks,
+    beside the same error of predicting zeros: for normalised targets, each hidden patch's own mean colour."""
+    gen = torch.Generator().manual_seed(seed)
+    total = zeros = 0.0
+    for x in images.split(batch_size):
+        gh, gw = x.shape[-2] // mae.patch_size, x.shape[-1] // mae.patch_size
+        out = mae(x, mask_ratio=mask_ratio, noise=torch.rand(x.shape[0], gh * gw, generator=gen).to(x.device))
+        total += out.loss.item() * x.shape[0]
+        zeros += mae.forward_loss(x, torch.zeros_like(out.pred), out.mask).item() * x.shape[0]
+    n = images.shape[0]
+    return {"masked_mse": total / n, "zero_prediction_mse": zeros / n, "images": n, "mask_ratio": mask_ratio,
+            "seed": seed, "normalised_target": bool(mae.norm_pix_loss)}
+
+
 def reconstruct(cfg) -> list:
-    """CLI ``mimkit reconstruct``: figures for ``cfg.num_images`` images of ``cfg.images`` into ``cfg.output``."""
+    """CLI ``mimkit reconstruct``: figures for ``cfg.num_images`` images of ``cfg.images`` into ``cfg.output``, and
+    the reconstruction error (``results.json``) over those images, or over all held-out ones with val_fraction."""
     from .checkpoints import load_mae
-    from .data import make_loader, open_images
+    from .checkpoints.io import write_json
+    from .data import make_loader, open_images, split_train_val
     norm_pix = {"auto": None, "normalised": True, "raw": False}[cfg.target]
     mae, info = load_mae(cfg.checkpoint, allow_missing_decoder=False, norm_pix_loss=norm_pix)
     mae.eval()
     source = open_images(cfg.images)
-    n = min(cfg.num_images, len(source))
-    loader = make_loader(source, list(range(n)), batch_size=n, recipe="eval", img_size=mae.encoder.arch["img_size"],
-                         shuffle=False, num_workers=0, cache="off", device="cpu")
-    images = torch.cat([x for x, _ in loader])
+    if cfg.val_fraction > 0:
+        scored = split_train_val(source, cfg.val_fraction)[1]
+        if not scored:
+            raise ValueError(f"--val-fraction {cfg.val_fraction} holds out no image of {cfg.images}")
+        step = max(1, len(scored) // cfg.num_images)  # shown: spread over the held-out classes
+        shown = scored[::step][:cfg.num_images]
+    else:
+        shown = scored = list(range(min(cfg.num_images, len(source))))
+    loader = make_loader(source, scored, batch_size=min(len(scored), 256), recipe="eval",
+                         img_size=mae.encoder.arch["img_size"], shuffle=False, num_workers=0, cache="off", device="cpu")
+    all_images = torch.cat([x for x, _ in loader])
+    position = {k: i for i, k in enumerate(scored)}
+    images = all_images[[position[k] for k in shown]]
     out = Path(cfg.output)
     if cfg.grid:
         paths = [reconstruction_grid(mae, images, out / f"reconstruction-mask{cfg.mask_ratio:.2f}-seed{cfg.seed}.png",
@@ -65,11 +92,18 @@ def reconstruct(cfg) -> list:
     else:
         panels = reconstruction_panels(mae, images, cfg.mask_ratio, cfg.seed)
         paths = []
-        for name, row in zip([source.names[i] for i in range(n)], panels):
+        for name, row in zip([source.names[i] for i in shown], panels):
             p = out / (Path(name).stem + f"-mask{cfg.mask_ratio:.2f}.png")
             p.parent.mkdir(parents=True, exist_ok=True)
             save_image(make_grid(_upscale(row.cpu()), nrow=4, padding=2, pad_value=1.0), p)
             paths.append(p)
     for p in paths:
         log.info("wrote %s", p)
+    score = masked_mse(mae, all_images, cfg.mask_ratio, cfg.seed)
+    score["held_out"] = cfg.val_fraction > 0
+    write_json(out / "results.json", score)
+    which = "held-out" if cfg.val_fraction > 0 else "shown"
+    print(f"reconstruct: MSE on hidden patches {score['masked_mse']:.4f} over {score['images']} {which} images "
+          f"(predicting zeros{', i.e. each patch its own mean colour' if mae.norm_pix_loss else ''}: "
+          f"{score['zero_prediction_mse']:.4f}; {out / 'results.json'})")
     return paths

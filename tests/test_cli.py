@@ -57,6 +57,17 @@ def test_pretrain_evaluate_reconstruct_export(tiny_folder, tmp_path):
     assert len(pngs) == 4
     w, h = Image.open(pngs[0]).size
     assert w > 3 * h  # four panels side by side
+    score = json.loads((figs / "results.json").read_text())
+    assert score["images"] == 4 and not score["held_out"] and score["masked_mse"] > 0
+
+    # held-out images: the last 10% of each class (4 of 40 per class), all scored, the grid shows 6 of them
+    held = tmp_path / "held"
+    proc = mimkit_cli("reconstruct", "--checkpoint", run, "--images", tiny_folder, "--num-images", "6",
+                      "--val-fraction", "0.1", "--output", held)
+    score = json.loads((held / "results.json").read_text())
+    assert score["images"] == 12 and score["held_out"] and score["normalised_target"]
+    assert "MSE on hidden patches" in proc.stdout and "12 held-out images" in proc.stdout
+    assert (held / "reconstruction-mask0.75-seed0.png").is_file()
 
 
 def test_config_file_and_flag_override(tiny_folder, tmp_path):

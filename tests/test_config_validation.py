@@ -86,6 +86,7 @@ OTHERS = [
      r"--max-bad-steps must be > 0"),
     (C.ReconstructConfig, dict(), r"--checkpoint is required"),
     (C.ReconstructConfig, dict(checkpoint="/no/such.pt"), r"--checkpoint: no such file or directory"),
+    (C.ReconstructConfig, dict(checkpoint=__file__, val_fraction=1.0), r"--val-fraction must be in \[0, 1\), got 1\.0"),
 ]
 
 TRIED = {"n": 0}

@@ -142,3 +142,22 @@ def test_encoder_is_a_plain_timm_model():
     ref.load_state_dict(enc.state_dict())
     x = torch.randn(1, 3, 224, 224)
     torch.testing.assert_close(ref.forward_features(x), enc.forward_features(x))
+
+
+def test_masked_mse_is_the_mae_loss_and_zero_prediction_its_reference():
+    from mimkit.viz import masked_mse
+    torch.manual_seed(0)
+    mae = create_mae("vit_micro_patch4_32", decoder_dim=32, decoder_depth=1, decoder_heads=2).eval()
+    images = torch.randn(10, 3, 32, 32)
+    a, b = masked_mse(mae, images, seed=3, batch_size=4), masked_mse(mae, images, seed=3, batch_size=10)
+    assert a["images"] == 10 and abs(a["masked_mse"] - b["masked_mse"]) < 1e-5  # same masks in any batching
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        direct = mae(images, noise=torch.rand(10, 64, generator=gen)).loss.item()
+    assert abs(b["masked_mse"] - direct) < 1e-5
+    # normalised targets have (unbiased) variance 1 per patch: predicting zeros scores (n - 1) / n
+    assert abs(a["zero_prediction_mse"] - 47 / 48) < 1e-3
+    torch.nn.init.zeros_(mae.decoder_pred.weight)
+    torch.nn.init.zeros_(mae.decoder_pred.bias)
+    c = masked_mse(mae, images, seed=3)
+    assert abs(c["masked_mse"] - c["zero_prediction_mse"]) < 1e-6

@@ -37,7 +37,8 @@ import torch.nn as nn
 from ..models import MaskedAutoencoder, MaskedViT
 from ..models.pos_embed import sincos_2d
 from ..models.presets import DECODERS
-from .io import CheckpointError, _write_atomic, check_state_dict, load_checkpoint, load_latest, save_checkpoint
+from .io import (CheckpointError, _write_atomic, check_state_dict, load_checkpoint, load_latest, save_checkpoint,
+                 write_json)
 
 log = logging.getLogger("mimkit")
 
@@ -719,10 +720,6 @@ def _save_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: Op
     return path
 
 
-def _write_json(path: Path, obj: dict):
-    _write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
 def _timm_name(arch: dict) -> str:
     """A timm entrypoint for this shape: the matching one when there is one, else the nearest by width (the
     config's model_args carry the exact shape)."""
@@ -744,7 +741,7 @@ def _export_timm(enc: MaskedViT, out: Path) -> Path:
     _save_safetensors(sd, out / "model.safetensors", meta)
     model_args = {k: arch[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
                                        "num_classes", "global_pool")}
-    _write_json(out / "config.json", {
+    write_json(out / "config.json", {
         "architecture": _timm_name(arch), "num_classes": arch["num_classes"], "num_features": arch["embed_dim"],
         "global_pool": arch["global_pool"], "model_args": model_args,
         "pretrained_cfg": {"tag": "mimkit", "custom_load": False, "input_size": [3, size, size],
@@ -790,9 +787,9 @@ def _export_hf(mae: Optional[MaskedAutoencoder], enc: MaskedViT, out: Path) -> P
     out.mkdir(parents=True, exist_ok=True)
     cfg = _hf_config(mae, enc)
     _save_safetensors(hf, out / "model.safetensors", {"mimkit_format": "hf"})
-    _write_json(out / "config.json", cfg)
+    write_json(out / "config.json", cfg)
     size = cfg["image_size"]
-    _write_json(out / "preprocessor_config.json", {
+    write_json(out / "preprocessor_config.json", {
         "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
         "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)})

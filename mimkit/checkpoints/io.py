@@ -49,6 +49,15 @@ def _write_atomic(path: Path, data: bytes):
         raise
 
 
+def write_json(path, obj) -> Path:
+    """A JSON file (indented, paths and other objects as strings), written atomically."""
+    import json
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+    return path
+
+
 def _fsync_dir(path: Path):
     try:
         fd = os.open(path, os.O_RDONLY)
