@@ -642,6 +642,17 @@ def _num(v: float) -> str:
     return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
 
 
+def _row_cells(r: dict, peers: List[str]) -> List[str]:
+    """One result's cells, shared by the text and the Markdown table."""
+    ips, peak = r["images_per_s"], r["memory"]["peak_mb"]
+    return ([r["config"], r["precision"], r["impl"], str(r["batch"]),
+             f"{_num(ips['median'])} [{_num(ips['min'])}-{_num(ips['max'])}]",
+             f"{100 * r['cpu_share']['median']:.0f}%" if r.get("cpu_share") else ""]
+            + [f"{r['vs'][p]:.2f}x" if p in r.get("vs", {}) else "" for p in peers]
+            + [f"{r['flops_per_image'] / 1e9:.2f}", f"{r['achieved_flops'] / 1e9:.1f}",
+               f"{100 * r['fraction_of_matmul']:.0f}%", "-" if peak is None else f"{peak:.0f}"])
+
+
 def format_table(result: dict) -> str:
     m = result["machine"]
     lines = [f"mimkit bench: {m.get('gpu') or m['cpu']} ({m['cpu_cores']} cores, {m['threads']} threads), torch "
@@ -653,15 +664,7 @@ def format_table(result: dict) -> str:
     peers = sorted({r["impl"] for r in result["results"] if not r["impl"].startswith("mimkit")})
     cols = ["config", "prec", "impl", "batch", "img/s median [min-max]", "cpu"] + [f"vs {p}" for p in peers] + [
         "GFLOP/img", "GFLOP/s", "of matmul", "peak MB"]
-    table = []
-    for r in result["results"]:
-        ips, peak = r["images_per_s"], r["memory"]["peak_mb"]
-        table.append([r["config"], r["precision"], r["impl"], str(r["batch"]),
-                      f"{_num(ips['median'])} [{_num(ips['min'])}-{_num(ips['max'])}]",
-                      f"{100 * r['cpu_share']['median']:.0f}%" if r.get("cpu_share") else ""]
-                     + [f"{r['vs'][p]:.2f}x" if p in r.get("vs", {}) else "" for p in peers]
-                     + [f"{r['flops_per_image'] / 1e9:.2f}", f"{r['achieved_flops'] / 1e9:.1f}",
-                        f"{100 * r['fraction_of_matmul']:.0f}%", "-" if peak is None else f"{peak:.0f}"])
+    table = [_row_cells(r, peers) for r in result["results"]]
     widths = [max(len(c), *(len(t[i]) for t in table)) if table else len(c) for i, c in enumerate(cols)]
 
     def fmt(cells):
@@ -702,14 +705,7 @@ def markdown(result: dict) -> str:
              "", "| config | precision | implementation | batch | images/s, median [min-max] | CPU share | "
              + " | ".join(f"mimkit / {p}" for p in peers) + " | GFLOP/image | GFLOP/s | of matmul rate | peak MB |",
              "|" + " --- |" * (10 + len(peers))]
-    for r in result["results"]:
-        ips, peak = r["images_per_s"], r["memory"]["peak_mb"]
-        vs = [f"{r['vs'][p]:.2f}x" if p in r.get("vs", {}) else "" for p in peers]
-        share = f"{100 * r['cpu_share']['median']:.0f}%" if r.get("cpu_share") else ""
-        lines.append(f"| {r['config']} | {r['precision']} | {r['impl']} | {r['batch']} | {_num(ips['median'])} "
-                     f"[{_num(ips['min'])}-{_num(ips['max'])}] | {share} | " + " | ".join(vs)
-                     + f" | {r['flops_per_image'] / 1e9:.2f} | {r['achieved_flops'] / 1e9:.1f} | "
-                     f"{100 * r['fraction_of_matmul']:.0f}% | {'-' if peak is None else f'{peak:.0f}'} |")
+    lines += ["| " + " | ".join(_row_cells(r, peers)) + " |" for r in result["results"]]
     dp, lc = result.get("data_pipeline"), result.get("loss_check")
     if dp:
         v = dp["images_per_s"]
