@@ -47,17 +47,21 @@ def reconstruction_grid(mae, images: torch.Tensor, path, mask_ratio: float = 0.7
 
 
 @torch.no_grad()
-def masked_mse(mae, images: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0, batch_size: int = 256) -> dict:
-    """The MAE loss (MSE on the hidden patches, in the decoder's target space) over ``images`` with seeded masks,
-    beside the same error of predicting zeros: for normalised targets, each hidden patch's own mean colour."""
+def masked_mse(mae, batches, mask_ratio: float = 0.75, seed: int = 0) -> dict:
+    """The MAE loss (MSE on the hidden patches, in the decoder's target space) over image ``batches`` (an iterable
+    of (B, 3, H, W) tensors, or one tensor) with seeded masks, beside the same error of predicting zeros: for
+    normalised targets, each hidden patch's own mean colour. Masks depend only on the seed and image order."""
+    if torch.is_tensor(batches):
+        batches = [batches]
     gen = torch.Generator().manual_seed(seed)
     total = zeros = 0.0
-    for x in images.split(batch_size):
+    n = 0
+    for x in batches:
         gh, gw = x.shape[-2] // mae.patch_size, x.shape[-1] // mae.patch_size
         out = mae(x, mask_ratio=mask_ratio, noise=torch.rand(x.shape[0], gh * gw, generator=gen).to(x.device))
         total += out.loss.item() * x.shape[0]
         zeros += mae.forward_loss(x, torch.zeros_like(out.pred), out.mask).item() * x.shape[0]
-    n = images.shape[0]
+        n += x.shape[0]
     return {"masked_mse": total / n, "zero_prediction_mse": zeros / n, "images": n, "mask_ratio": mask_ratio,
             "seed": seed, "normalised_target": bool(mae.norm_pix_loss)}
 
@@ -76,15 +80,16 @@ def reconstruct(cfg) -> list:
         scored = split_train_val(source, cfg.val_fraction)[1]
         if not scored:
             raise ValueError(f"--val-fraction {cfg.val_fraction} holds out no image of {cfg.images}")
-        step = max(1, len(scored) // cfg.num_images)  # shown: spread over the held-out classes
-        shown = scored[::step][:cfg.num_images]
     else:
-        shown = scored = list(range(min(cfg.num_images, len(source))))
-    loader = make_loader(source, scored, batch_size=min(len(scored), 256), recipe="eval",
-                         img_size=mae.encoder.arch["img_size"], shuffle=False, num_workers=0, cache="off", device="cpu")
-    all_images = torch.cat([x for x, _ in loader])
-    position = {k: i for i, k in enumerate(scored)}
-    images = all_images[[position[k] for k in shown]]
+        scored = list(range(min(cfg.num_images, len(source))))
+    shown = scored[::max(1, len(scored) // cfg.num_images)][:cfg.num_images]  # spread over the held-out classes
+
+    def images_of(indices, batch_size):
+        loader = make_loader(source, indices, batch_size=batch_size, recipe="eval", shuffle=False, num_workers=0,
+                             img_size=mae.encoder.arch["img_size"], cache="off", device="cpu")
+        return (x for x, _ in loader)
+
+    images = torch.cat(list(images_of(shown, len(shown))))
     out = Path(cfg.output)
     if cfg.grid:
         paths = [reconstruction_grid(mae, images, out / f"reconstruction-mask{cfg.mask_ratio:.2f}-seed{cfg.seed}.png",
@@ -99,7 +104,7 @@ def reconstruct(cfg) -> list:
             paths.append(p)
     for p in paths:
         log.info("wrote %s", p)
-    score = masked_mse(mae, all_images, cfg.mask_ratio, cfg.seed)
+    score = masked_mse(mae, images_of(scored, min(len(scored), 256)), cfg.mask_ratio, cfg.seed)  # streamed
     score["held_out"] = cfg.val_fraction > 0
     write_json(out / "results.json", score)
     which = "held-out" if cfg.val_fraction > 0 else "shown"

@@ -9,6 +9,7 @@ back to the one before.
 """
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -51,7 +52,6 @@ def _write_atomic(path: Path, data: bytes):
 
 def write_json(path, obj) -> Path:
     """A JSON file (indented, paths and other objects as strings), written atomically."""
-    import json
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
