@@ -1,6 +1,6 @@
 """mimkit: masked image modeling (MAE and its lineage) on a timm Vision Transformer."""
-from .config import (ConfigError, FinetuneConfig, KnnConfig, LinprobeConfig, PretrainConfig, ReconstructConfig,
-                     load_config)
+from .config import FinetuneConfig, KnnConfig, LinprobeConfig, PretrainConfig, ReconstructConfig, load_config
+from .errors import BadImage, CheckpointError, ConfigError, DataError, DivergedError, MimkitError, Preempted
 from .models import MaskedAutoencoder, MaskedViT, create_encoder, create_mae, list_models
 
 __version__ = "0.1.0"
@@ -15,4 +15,5 @@ def load(path, **kwargs):
 
 
 __all__ = ["load", "MaskedAutoencoder", "MaskedViT", "create_encoder", "create_mae", "list_models", "load_config",
-           "ConfigError", "PretrainConfig", "KnnConfig", "LinprobeConfig", "FinetuneConfig", "ReconstructConfig"]
+           "MimkitError", "ConfigError", "DataError", "CheckpointError", "BadImage", "DivergedError", "Preempted",
+           "PretrainConfig", "KnnConfig", "LinprobeConfig", "FinetuneConfig", "ReconstructConfig"]

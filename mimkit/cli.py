@@ -113,16 +113,14 @@ def main(argv=None) -> int:
                   f"depth {a['depth']:<3d} heads {a['num_heads']}")
         return 0
     cls, target, _ = COMMANDS[command]
-    from .checkpoints.io import CheckpointError
-    from .data import DataError
-    from .engine import DivergedError, Preempted
+    from .errors import CheckpointError, ConfigError, DataError, DivergedError, Preempted
     try:
         path = args.pop("config", None)
         if path is None and cls is C.SweepConfig:  # `mimkit sweep CONFIG`: the bare argument is the YAML file
             path = args.pop("file", None)
         cfg = C.load_config(cls, path, args)
         _resolve(target)(cfg)
-    except (C.ConfigError, DataError, CheckpointError, DivergedError) as e:
+    except (ConfigError, DataError, CheckpointError, DivergedError) as e:
         print(f"mimkit {command}: error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:

@@ -17,9 +17,7 @@ from typing import Any, Dict, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad option: the message is one line naming the option and what is allowed."""
+from .errors import ConfigError
 
 
 def opt(default, help: str, choices=None, positional: bool = False):

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler
 
 from .checkpoints.io import check_state_dict, load_latest, prune_checkpoints, save_checkpoint
-from .config import ConfigError
+from .errors import ConfigError, DivergedError, Preempted
 
 log = logging.getLogger("mimkit")
 
@@ -203,14 +203,6 @@ class StopRequest:
 def _main_thread():
     import threading
     return threading.current_thread() is threading.main_thread()
-
-
-class Preempted(RuntimeError):
-    """Raised after a SIGTERM once the checkpoint is on disk."""
-
-
-class DivergedError(RuntimeError):
-    """Too many non-finite losses in a row."""
 
 
 # the loop -----------------------------------------------------------------------------------------------

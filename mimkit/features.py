@@ -59,7 +59,7 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        from .config import ConfigError
+        from .errors import ConfigError
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
     return torch.device(name)
 

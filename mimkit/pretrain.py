@@ -5,7 +5,8 @@ from pathlib import Path
 import torch
 from timm.optim import create_optimizer_v2
 
-from .config import ConfigError, PretrainConfig, save_config
+from .config import PretrainConfig, save_config
+from .errors import ConfigError
 from .data import check_sample, make_loader, open_images, split_train_val
 from .engine import TrainResult, effective_lr, fit, seed_everything, setup
 from .objectives import build_objective
@@ -102,7 +103,8 @@ def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env):
 def _good_images(source, candidates, n: int, min_size: int):
     """The first ``n`` distinct candidates that decode and are large enough, found quietly: the training loader
     names each bad file once, and a figure must not name them again."""
-    from .data import BadImage, load_image
+    from .data import load_image
+    from .errors import BadImage
     picks = []
     for i in dict.fromkeys(candidates):
         try:

@@ -38,8 +38,8 @@ from typing import Dict, List, Optional
 import torch
 
 from .checkpoints.io import list_checkpoints, load_checkpoint, write_json
-from .config import (ConfigError, FinetuneConfig, KnnConfig, LinprobeConfig, PretrainConfig, RunOptions,
-                     SweepConfig, TokenizerConfig, load_config, option_fields, save_config)
+from .config import (FinetuneConfig, KnnConfig, LinprobeConfig, PretrainConfig, RunOptions, SweepConfig, TokenizerConfig, load_config, option_fields, save_config)
+from .errors import ConfigError
 
 log = logging.getLogger("mimkit")
 EVAL_CONFIGS = {"knn": KnnConfig, "linprobe": LinprobeConfig, "finetune": FinetuneConfig}
@@ -333,9 +333,7 @@ def sweep(cfg: SweepConfig) -> dict:
 
 
 def _attempt(fn, name: str, failed: list) -> dict:
-    from .checkpoints.io import CheckpointError as CkptError
-    from .data import DataError
-    from .engine import DivergedError
+    from .errors import CheckpointError as CkptError, DataError, DivergedError
     try:
         return fn()
     except (ConfigError, DataError, CkptError, DivergedError) as e:

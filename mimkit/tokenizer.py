@@ -25,7 +25,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoints.io import CheckpointError, load_checkpoint, load_latest, save_checkpoint
+from .checkpoints.io import load_checkpoint, load_latest, save_checkpoint
+from .errors import CheckpointError
 
 log = logging.getLogger("mimkit")
 FILE = "tokenizer.pt"
@@ -240,7 +241,8 @@ def freeze(tok: VQTokenizer) -> VQTokenizer:
 def train_tokenizer(cfg) -> dict:
     """``mimkit tokenizer train``: fit the tokenizer on the training split of ``cfg.data`` with the shared engine,
     then write ``tokenizer.pt`` and ``tokenizer.json`` (reconstruction error and codebook use on held-out images)."""
-    from .config import ConfigError, save_config
+    from .config import save_config
+    from .errors import ConfigError
     from .data import check_sample, make_loader, open_images, split_train_val
     from .engine import effective_lr, fit, seed_everything, setup
 
@@ -311,5 +313,5 @@ def tokenizer_command(cfg) -> dict:
     """``mimkit tokenizer ACTION``; the one action is ``train``."""
     if cfg.action == "train":
         return train_tokenizer(cfg)
-    from .config import ConfigError
+    from .errors import ConfigError
     raise ConfigError(f"unknown tokenizer action {cfg.action!r} (expected: train)")

@@ -7,7 +7,8 @@ import torch
 
 from mimkit import bench as B
 from mimkit.cli import main
-from mimkit.config import BenchConfig, ConfigError, load_config
+from mimkit.config import BenchConfig, load_config
+from mimkit.errors import ConfigError
 
 PEERS = [p for p, mod in (("hf", "transformers"), ("lightly", "lightly")) if importlib.util.find_spec(mod)]
 

@@ -4,7 +4,8 @@ import re
 import pytest
 
 from mimkit import config as C
-from mimkit.config import ConfigError, load_config
+from mimkit.config import load_config
+from mimkit.errors import ConfigError
 
 OK = dict(data="builtin", model="vit_micro_patch4_32", output="unused", threads=1, num_workers=0)
 

@@ -192,7 +192,7 @@ def test_finetune_last_block_only(tmp_path, pretrained):
 
 
 def test_finetune_rejects_odd_batch_with_mixup(tmp_path):
-    from mimkit.config import ConfigError
+    from mimkit.errors import ConfigError
     cfg = load_config(FinetuneConfig, overrides=common(tmp_path, random_init=True, model=MICRO, batch_size=33))
     with pytest.raises(ConfigError, match="even"):
         finetune(cfg)

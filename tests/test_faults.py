@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimkit.checkpoints.io import (CheckpointError, list_checkpoints, load_checkpoint, load_latest,
-                                   prune_checkpoints, save_checkpoint)
-from mimkit.engine import DivergedError, Preempted
+from mimkit.checkpoints.io import list_checkpoints, load_checkpoint, load_latest, prune_checkpoints, save_checkpoint
+from mimkit.errors import CheckpointError, DivergedError, Preempted
 
 from helpers_faults import (ROOT, TINY, child_env, cli_command, fit_tiny, free_port, run_logged, tiny_cfg)
 

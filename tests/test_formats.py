@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 import mimkit
-from mimkit.checkpoints import CheckpointError, export, load, load_encoder, load_mae, save_checkpoint
+from mimkit.checkpoints import export, load, load_encoder, load_mae, save_checkpoint
+from mimkit.errors import CheckpointError
 from mimkit.features import extract_features
 from mimkit.models import MaskedAutoencoder, MaskedViT, create_mae
 from mimkit.models.pos_embed import sincos_2d

@@ -61,7 +61,8 @@ def test_the_fuzz_folder_lists_what_it_should(fuzz):
 
 def test_every_file_decodes_to_rgb_or_is_a_bad_image(fuzz):
     """Decoding never raises anything but BadImage, never hangs, and reads odd valid images correctly."""
-    from mimkit.data import BadImage, load_image, open_images
+    from mimkit.data import load_image, open_images
+    from mimkit.errors import BadImage
     root, bad, good, _ = fuzz
     src = open_images(root)
     tried = 0
@@ -86,7 +87,8 @@ def test_every_file_decodes_to_rgb_or_is_a_bad_image(fuzz):
 
 
 def test_a_named_pipe_does_not_block(fuzz):
-    from mimkit.data import BadImage, load_image, open_images
+    from mimkit.data import load_image, open_images
+    from mimkit.errors import BadImage
     root, _, _, _ = fuzz
     src = open_images(root)
     with deadline(5, "reading a named pipe"), pytest.raises(BadImage):

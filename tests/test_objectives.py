@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from mimkit.checkpoints.io import load_latest
 from mimkit.cli import main as cli
-from mimkit.config import ConfigError, PretrainConfig, load_config
+from mimkit.config import PretrainConfig, load_config
+from mimkit.errors import ConfigError
 from mimkit.masking import num_visible
 from mimkit.models import MaskedAutoencoder, MaskedViT, patchify
 from mimkit.objectives import OBJECTIVES, build_objective

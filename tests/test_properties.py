@@ -258,7 +258,8 @@ def test_decoding_any_encoded_image_gives_rgb_of_its_size(w, h, fmt, mode, seed)
 @FAST
 @given(data=st.binary(max_size=2000))
 def test_decoding_arbitrary_bytes_either_works_or_is_a_bad_image(data):
-    from mimkit.data import BadImage, decode_image
+    from mimkit.data import decode_image
+    from mimkit.errors import BadImage
     try:
         img = decode_image(data, "fuzz.jpg")
     except BadImage as e:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimkit.checkpoints.io import (CheckpointError, check_state_dict, load_checkpoint, load_latest, safe_torch_load,
-                                   save_checkpoint)
+from mimkit.checkpoints.io import check_state_dict, load_checkpoint, load_latest, safe_torch_load, save_checkpoint
+from mimkit.errors import CheckpointError
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,8 @@ import yaml
 
 import mimkit.sweep as S
 from mimkit.cli import main as cli
-from mimkit.config import ConfigError, SweepConfig, load_config
+from mimkit.config import SweepConfig, load_config
+from mimkit.errors import ConfigError
 
 torch.set_num_threads(1)
 

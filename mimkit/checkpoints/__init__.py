@@ -5,7 +5,7 @@ MAE ``.pth`` files, Hugging Face ViTMAE directories and timm weights; ``export(m
 timm, Hugging Face or official MAE checkpoints.
 """
 from .formats import EXPORT_FORMATS, FORMATS, STANDARD_HEADS, export, load, load_encoder, load_mae
-from .io import CheckpointError, load_checkpoint, load_latest, safe_torch_load, save_checkpoint
+from .io import load_checkpoint, load_latest, safe_torch_load, save_checkpoint
 
-__all__ = ["CheckpointError", "EXPORT_FORMATS", "FORMATS", "STANDARD_HEADS", "export", "load", "load_checkpoint",
+__all__ = ["EXPORT_FORMATS", "FORMATS", "STANDARD_HEADS", "export", "load", "load_checkpoint",
            "load_encoder", "load_latest", "load_mae", "safe_torch_load", "save_checkpoint"]

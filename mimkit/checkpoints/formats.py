@@ -37,8 +37,8 @@ import torch.nn as nn
 from ..models import MaskedAutoencoder, MaskedViT
 from ..models.pos_embed import sincos_2d
 from ..models.presets import DECODERS
-from .io import (CheckpointError, _write_atomic, check_state_dict, load_checkpoint, load_latest, save_checkpoint,
-                 write_json)
+from .io import _write_atomic, check_state_dict, load_checkpoint, load_latest, save_checkpoint, write_json
+from ..errors import CheckpointError
 
 log = logging.getLogger("mimkit")
 

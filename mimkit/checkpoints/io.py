@@ -18,13 +18,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+from ..errors import CheckpointError
 
 log = logging.getLogger("mimkit")
 CKPT_RE = re.compile(r"checkpoint-(\d+)\.pt$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file."""
 
 
 def _write_tmp(path: Path, data: bytes) -> Path:

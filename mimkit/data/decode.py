@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from ..errors import BadImage
 
 try:  # torchvision's decoders are deprecated since 0.29 (in favour of TorchCodec); PIL does it all when they go
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -17,17 +18,6 @@ except ImportError:
 Image.MAX_IMAGE_PIXELS = 2 ** 28
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _WIDE_GREY = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
-
-
-class BadImage(ValueError):
-    """One file that cannot be used (undecodable, truncated, empty, too small); training skips it."""
-
-    def __init__(self, name, reason):
-        super().__init__(name, reason)  # both in args, so it pickles across worker processes
-        self.name, self.reason = name, reason
-
-    def __str__(self):
-        return f"{self.name}: {self.reason}"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -20,8 +20,9 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from .decode import BadImage, decode_tensor, load_image, pil_to_tensor, read_bytes
-from .source import DataError, ImageSource, open_images
+from .decode import decode_tensor, load_image, pil_to_tensor, read_bytes
+from ..errors import BadImage, DataError
+from .source import ImageSource, open_images
 from .transforms import AUGS, RECIPES, BatchAugment, build_transform
 
 log = logging.getLogger(__name__)

@@ -10,15 +10,12 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+from ..errors import DataError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 SAMPLE_DIR = Path(__file__).parent / "sample"
 BUILTIN = ("builtin", "builtin:sample")
 MAX_GZ_BYTES = 2 * 1024 ** 3  # a compressed tar larger than this is not read into memory
-
-
-class DataError(ValueError):
-    """A problem with the data the user must fix before training; the message is one line and names the path."""
 
 
 def _is_image(relpath: str) -> bool:

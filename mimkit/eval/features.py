@@ -19,8 +19,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..checkpoints.io import CheckpointError, load_checkpoint, load_latest
-from ..config import ConfigError
+from ..checkpoints.io import load_checkpoint, load_latest
+from ..errors import CheckpointError, ConfigError
 from ..models import MaskedAutoencoder, MaskedViT, create_mae
 
 log = logging.getLogger("mimkit")
@@ -238,7 +238,8 @@ class FeatureLoader:
 def eval_data(cfg):
     """(source, train indices, validation indices, number of classes) for ``cfg.data``; unlabeled images
     (outside any class folder) are left out, as they cannot be scored."""
-    from ..data import DataError, open_images, split_train_val
+    from ..data import open_images, split_train_val
+    from ..errors import DataError
     source = open_images(cfg.data)
     if not source.classes:
         raise DataError(f"{cfg.data}: no class folders, so no labels to evaluate against (put images in "

@@ -20,7 +20,8 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 
-from ..config import ConfigError, FinetuneConfig, save_config
+from ..config import FinetuneConfig, save_config
+from ..errors import ConfigError
 from ..engine import autocast, effective_lr, fit, seed_everything, setup
 from ..models import MaskedViT
 from .features import eval_data, eval_img_size, image_loader, load_eval_encoder, topk_accuracy, write_results

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..models import MaskedViT
 from .base import MaskTokenObjective
 from .targets import (check_args, check_choice, check_fraction, check_int, draw_mask, encode_with_mask_tokens,
@@ -26,7 +26,7 @@ DEFAULTS = dict(tokenizer=None, mask_ratio=None, masking="block", min_block=None
 
 def open_tokenizer(objective: str, path):
     """The frozen tokenizer named by ``objective_args.tokenizer``; a missing or bad one is a one-line ConfigError."""
-    from ..checkpoints.io import CheckpointError
+    from ..errors import CheckpointError
     from ..tokenizer import load_tokenizer
     if not path:
         raise ConfigError(f"--objective-args: objective {objective} needs tokenizer: PATH "

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..masking import num_visible
 from .targets import (Palette, check_args, check_choice, check_fraction, check_int, fit_images, masked_mean,
                       resolve_ratio, to_unit, uniform)

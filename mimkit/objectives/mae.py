@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..masking import mask_to_ids
 from ..models import MaskedAutoencoder, create_mae, patchify
 from .targets import (MASKINGS, PCATarget, check_args, check_bool, check_choice, check_int, draw_mask,

@@ -31,7 +31,7 @@ MASKINGS = ("random", "block", "grid")
 # options ------------------------------------------------------------------------------------------
 def check_args(objective: str, args: Optional[dict], valid: dict) -> dict:
     """``objective_args`` merged over ``valid`` (the defaults); an unknown key is a one-line ConfigError."""
-    from ..config import ConfigError
+    from ..errors import ConfigError
     args = dict(args or {})
     for key in args:
         if key not in valid:
@@ -41,14 +41,14 @@ def check_args(objective: str, args: Optional[dict], valid: dict) -> dict:
 
 
 def check_choice(objective: str, key: str, value, choices):
-    from ..config import ConfigError
+    from ..errors import ConfigError
     if value not in choices:
         raise ConfigError(f"--objective-args: {key} for objective {objective} must be one of "
                           f"{', '.join(map(str, choices))}; got {value!r}")
 
 
 def check_fraction(objective: str, key: str, value, lo_open=True):
-    from ..config import ConfigError
+    from ..errors import ConfigError
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < 1 if lo_open else 0 <= value < 1):
         raise ConfigError(f"--objective-args: {key} for objective {objective} must be a number in (0, 1); got {value!r}")
 
@@ -67,13 +67,13 @@ def resolve_ratio(cfg, args: dict, paper_default: float) -> float:
 
 
 def check_int(objective: str, key: str, value, lo: int = 1):
-    from ..config import ConfigError
+    from ..errors import ConfigError
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ConfigError(f"--objective-args: {key} for objective {objective} must be an integer >= {lo}; got {value!r}")
 
 
 def check_bool(objective: str, key: str, value):
-    from ..config import ConfigError
+    from ..errors import ConfigError
     if not isinstance(value, bool):
         raise ConfigError(f"--objective-args: {key} for objective {objective} must be true or false; got {value!r}")
 
@@ -82,7 +82,7 @@ def check_bool(objective: str, key: str, value):
 def make_encoder(cfg):
     """The ``--model`` preset at ``--img-size`` (0: the preset's), initialised as MAE initialises its encoder,
     so every objective starts from the same weights distribution."""
-    from ..config import ConfigError
+    from ..errors import ConfigError
     from ..models import create_encoder
     try:
         encoder = create_encoder(cfg.model, **({"img_size": cfg.img_size} if cfg.img_size else {}))
@@ -118,7 +118,7 @@ def fit_images(cfg, num_images: int, img_size: int) -> torch.Tensor:
     source = open_images(cfg.data)
     train_idx, _ = split_train_val(source, cfg.val_fraction)
     if not train_idx:
-        from ..config import ConfigError
+        from ..errors import ConfigError
         raise ConfigError(f"--data {cfg.data}: no training images to fit on")
     step = max(1, len(train_idx) // num_images)
     chosen = train_idx[::step][:num_images]

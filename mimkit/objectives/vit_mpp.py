@@ -14,7 +14,7 @@ objective_args: ``target``; ``mask_ratio`` (share corrupted, 0.5); ``mask_prob``
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..masking import num_visible
 from ..models import MaskedViT
 from .base import MaskTokenObjective
