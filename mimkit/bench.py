@@ -20,13 +20,11 @@ The peers are an optional extra (``pip install 'mimkit[bench]'``); a missing one
 """
 import ctypes
 import gc
-import json
 import logging
 import os
 import platform
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .files import write_json, write_text
 from .models import DECODERS, ENCODERS, create_mae
+from .precision import autocast
 
 log = logging.getLogger("mimkit")
 
@@ -83,12 +83,6 @@ def mimkit_optimizer(model: nn.Module, lr: float = LR) -> torch.optim.Optimizer:
     default per-tensor loop on the CPU)."""
     from timm.optim import create_optimizer_v2
     return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=WEIGHT_DECAY, betas=BETAS, fused=True)
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 @dataclass
@@ -533,7 +527,7 @@ def bench(cfg) -> dict:
     if cfg.data:
         spec = CONFIGS[first]
         batch = cfg.batch_size or spec.batch(device)
-        workers = None if cfg.num_workers < 0 else cfg.num_workers
+        workers = cfg.num_workers
         result["data_pipeline"] = {"config": first, **time_data_pipeline(
             cfg.data, spec.encoder["img_size"], batch, device, cfg.data_batches, cfg.repeats, workers, cfg.seed)}
     if cfg.loss_check_steps and "bf16" in precisions:
@@ -549,8 +543,8 @@ def bench(cfg) -> dict:
     if cfg.out:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        out.with_suffix(".md").write_text(markdown(result) + "\n")
+        write_json(out, result, indent=1)
+        write_text(out.with_suffix(".md"), markdown(result) + "\n")
         log.info("bench: results in %s", out)
     return result
 

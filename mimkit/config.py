@@ -531,4 +531,5 @@ def to_dict(cfg) -> dict:
 
 
 def save_config(cfg, path: Path):
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from .files import write_yaml
+    write_yaml(path, to_dict(cfg))

@@ -29,6 +29,7 @@ from timm.scheduler import CosineLRScheduler
 
 from .checkpoints.io import check_state_dict, load_latest, prune_checkpoints, save_checkpoint
 from .errors import ConfigError, DivergedError, Preempted
+from .precision import autocast
 
 log = logging.getLogger("mimkit")
 
@@ -91,12 +92,6 @@ class StepRandom:
     def rand(self, batch: int, *shape) -> torch.Tensor:
         full = torch.rand(batch * self.env.world_size, *shape, generator=self.generator)
         return full[self.env.rank * batch:(self.env.rank + 1) * batch].to(self.env.device, non_blocking=True)
-
-
-def autocast(env: Env, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(env.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def seed_everything(seed: int):
@@ -293,7 +288,7 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
                     lr_now = optimizer.param_groups[0]["lr"]  # the step's lr (before any re-sizing below)
                     torch.manual_seed((cfg.seed * 7919 + step * 104729 + env.rank) % 2**63)  # dropout, drop path
                 sync = micro == accum - 1  # the window's last micro-batch: gradients are averaged, then one update
-                with (nullcontext() if sync or not env.distributed else model.no_sync()), autocast(env, cfg.precision):
+                with (nullcontext() if sync or not env.distributed else model.no_sync()), autocast(env.device, cfg.precision):
                     loss = forward(images, labels, StepRandom(cfg.seed, step, micro, env))
                     loss = loss["loss"] if isinstance(loss, dict) else loss
                 time_up = cfg.time_limit > 0 and time.time() - t_start > cfg.time_limit * 60

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .files import write_text
 from .models import MaskedAutoencoder, MaskedViT
 
 log = logging.getLogger("mimkit")
@@ -93,7 +94,7 @@ def embed(checkpoint, images, out, *, pool: str = "cls", img_size: int = 0, batc
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, array)
     names_file = out.with_suffix(".txt")
-    names_file.write_text("".join(source.names[i] + "\n" for i in index))
+    write_text(names_file, "".join(source.names[i] + "\n" for i in index))
     log.info("wrote %s features %s of %d images (%s, %d px) to %s, names in %s", pool, tuple(array.shape), len(index),
              checkpoint, size, out, names_file)
     return {"features": str(out), "names": str(names_file), "shape": tuple(array.shape)}
@@ -104,4 +105,4 @@ def embed_command(cfg) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     return embed(cfg.checkpoint, cfg.images, cfg.out, pool=cfg.pool, img_size=cfg.img_size, batch_size=cfg.batch_size,
-                 device=cfg.device, num_workers=None if cfg.num_workers < 0 else cfg.num_workers)
+                 device=cfg.device, num_workers=cfg.num_workers)

@@ -31,7 +31,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     check_sample(source, min_size=patch)
     loader = make_loader(source, train_idx, batch_size=cfg.batch_size, recipe="pretrain", img_size=img_size,
                          aug=cfg.aug, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-                         num_workers=None if cfg.num_workers < 0 else cfg.num_workers, device=env.device,
+                         num_workers=cfg.num_workers, device=env.device,
                          cache=cfg.cache, min_size=patch)
     if cfg.grad_checkpointing:
         encoder.set_grad_checkpointing(True)

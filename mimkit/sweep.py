@@ -37,7 +37,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .checkpoints.io import list_checkpoints, load_checkpoint, write_json
+from .checkpoints.io import list_checkpoints, load_checkpoint
+from .files import write_json, write_text
 from .config import (FinetuneConfig, KnnConfig, LinprobeConfig, PretrainConfig, RunOptions, SweepConfig, TokenizerConfig, load_config, option_fields, save_config)
 from .errors import ConfigError
 
@@ -389,7 +390,7 @@ def write_results(cfg: SweepConfig, out: Path, rows: List[dict]) -> dict:
              if (out / p).exists()]
     if plots:
         lines += [""] + [f"![{p[:-4].replace('_', ' ')}]({p})" for p in plots]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "results.md", "\n".join(lines) + "\n")
     summary = {"machine": machine(), "budget": cfg.budget, "base": base, "eval": evals,
                "runs": [{k: v for k, v in r.items() if k != "spec"} for r in rows]}
     write_json(out / "results.json", summary)
@@ -481,5 +482,5 @@ def plot_results(out: Path, rows: List[dict], evals: List[str]) -> List[str]:
         text = md.read_text()
         links = "\n".join(f"![{p[:-4].replace('_', ' ')}]({p})" for p in written if f"({p})" not in text)
         if links:
-            md.write_text(text + "\n" + links + "\n")
+            write_text(md, text + "\n" + links + "\n")
     return written

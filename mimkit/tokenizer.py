@@ -14,7 +14,6 @@ both. Codes unused for a while are restarted on random encoder outputs, so a lar
 (8192 by default) stays in use. The loss is the MSE of the reconstruction in the normalised input
 space plus ``commitment`` x the commitment loss.
 """
-import json
 import logging
 import math
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 from .checkpoints.io import load_checkpoint, load_latest, save_checkpoint
 from .errors import CheckpointError
+from .files import write_json
 
 log = logging.getLogger("mimkit")
 FILE = "tokenizer.pt"
@@ -275,7 +275,7 @@ def train_tokenizer(cfg) -> dict:
     if env.is_main:
         summary.update(_held_out_stats(tok, source, val_idx or train_idx, img_size, env.device))
         save_tokenizer(tok.cpu(), run_dir / FILE, summary=summary)
-        (run_dir / "tokenizer.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(run_dir / "tokenizer.json", summary)
         log.info("tokenizer: reconstruction MSE %.4f, %d of %d codes used on held-out images; saved %s",
                  summary.get("val_recon", float("nan")), summary.get("val_codes_used", 0), cfg.codebook_size,
                  run_dir / FILE)

@@ -70,7 +70,7 @@ def reconstruct(cfg) -> list:
     """CLI ``mimkit reconstruct``: figures for ``cfg.num_images`` images of ``cfg.images`` into ``cfg.output``, and
     the reconstruction error (``results.json``) over those images, or over all held-out ones with val_fraction."""
     from .checkpoints import load_mae
-    from .checkpoints.io import write_json
+    from .files import write_json
     from .data import make_loader, open_images, split_train_val
     norm_pix = {"auto": None, "normalised": True, "raw": False}[cfg.target]
     mae, info = load_mae(cfg.checkpoint, allow_missing_decoder=False, norm_pix_loss=norm_pix)

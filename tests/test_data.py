@@ -12,6 +12,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 import mimkit.data as D
+from mimkit.errors import BadImage, DataError
 from mimkit.data.loader import _mix
 
 torch.set_num_threads(1)
@@ -121,7 +122,7 @@ def test_big_gz_refused(labeled, tmp_path, monkeypatch):
     with tarfile.open(arc, "w:gz") as tf:
         tf.add(labeled, arcname="imgs")
     monkeypatch.setattr(D.source, "MAX_GZ_BYTES", 100)
-    with pytest.raises(D.DataError, match="extract"):
+    with pytest.raises(DataError, match="extract"):
         D.open_images(arc)
 
 
@@ -131,7 +132,7 @@ def test_path_errors_one_line(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     for path, what in [(tmp_path / "missing", "no such"), (tmp_path / "empty", ".jpg"),
                        (tmp_path / "file.txt", "not a folder")]:
-        with pytest.raises(D.DataError, match=what) as e:
+        with pytest.raises(DataError, match=what) as e:
             D.open_images(path)
         assert str(path) in str(e.value) and "\n" not in str(e.value)
         assert isinstance(e.value, ValueError)
@@ -180,17 +181,17 @@ def test_exif_orientation():
 def test_bad_data_raises():
     jpeg, png = _encode(_rgb(32, 32), "JPEG"), _encode(_rgb(32, 32), "PNG")
     for data in [b"", os.urandom(500), jpeg[: len(jpeg) // 2], png[: len(png) // 2]]:
-        with pytest.raises(D.BadImage) as e:
+        with pytest.raises(BadImage) as e:
             D.decode_image(data, "f.jpg")
         assert e.value.name == "f.jpg" and e.value.reason
-        with pytest.raises(D.BadImage):
+        with pytest.raises(BadImage):
             D.decode.decode_tensor(data, "f.jpg")
 
 
 def test_decompression_bomb(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     for side in (40, 64):  # 1600 px: PIL's warning; 4096 px: PIL's error
-        with pytest.raises(D.BadImage, match="DecompressionBomb"):
+        with pytest.raises(BadImage, match="DecompressionBomb"):
             D.decode_image(_encode(_rgb(side, side), "PNG"), "bomb.png")
 
 
@@ -208,7 +209,7 @@ def test_bad_files_skipped_and_named_once(tmp_path, caplog):
     only_tiny = tmp_path / "tiny"
     for i in range(3):
         _save(_rgb(4, 4, i), only_tiny / f"t{i}.png")
-    with pytest.raises(D.DataError, match="t0.png"):  # but a data set of images smaller than a patch is
+    with pytest.raises(DataError, match="t0.png"):  # but a data set of images smaller than a patch is
         D.check_sample(D.open_images(only_tiny), min_size=8)
     for cache in ("off", "on"):
         caplog.clear()
@@ -358,7 +359,7 @@ def test_cache_size_and_mixed_sizes(tmp_path):
         _save(_rgb(16 + 2 * i, 20, i), tmp_path / "m" / f"{i}.png")
     src = D.open_images(tmp_path / "m")
     assert not D.make_loader(src, batch_size=2, img_size=16, num_workers=0).batched  # auto: sizes differ
-    with pytest.raises(D.DataError, match="cache_size"):
+    with pytest.raises(DataError, match="cache_size"):
         D.make_loader(src, batch_size=2, img_size=16, cache="on", num_workers=0)
     ld = D.make_loader(src, batch_size=2, img_size=16, cache="on", cache_size=18, num_workers=0)
     assert ld.cache.images.shape == (6, 3, 18, 18) and next(iter(ld))[0].shape == (2, 3, 16, 16)

@@ -227,7 +227,8 @@ def test_a_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_p
                 return FullDisk(f)
         return f
 
-    monkeypatch.setattr(cio, "open", fake_open, raising=False)
+    import mimkit.files as mfiles
+    monkeypatch.setattr(mfiles, "open", fake_open, raising=False)
     cfg = tiny_cfg(tmp_path, save_every=2, epochs=1)
     with pytest.raises(CheckpointError, match=r"could not write checkpoint .*checkpoint-00000004\.pt: "
                                               r"No space left on device"):

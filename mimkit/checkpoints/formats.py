@@ -37,7 +37,8 @@ import torch.nn as nn
 from ..models import MaskedAutoencoder, MaskedViT
 from ..models.pos_embed import sincos_2d
 from ..models.presets import DECODERS
-from .io import _write_atomic, check_state_dict, load_checkpoint, load_latest, save_checkpoint, write_json
+from ..files import write_atomic, write_json
+from .io import check_state_dict, load_checkpoint, load_latest, save_checkpoint
 from ..errors import CheckpointError
 
 log = logging.getLogger("mimkit")
@@ -714,7 +715,7 @@ def _save_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: Op
     data = save(_plain(tensors), metadata={"format": "pt", **(metadata or {})})
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _write_atomic(path, data)
+        write_atomic(path, data)
     except OSError as e:
         raise CheckpointError(f"could not write {path}: {e.strerror or e}") from None
     return path

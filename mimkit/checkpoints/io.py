@@ -9,7 +9,6 @@ back to the one before.
 """
 import hashlib
 import io
-import json
 import logging
 import os
 import re
@@ -19,51 +18,10 @@ from typing import List, Optional
 
 import torch
 from ..errors import CheckpointError
+from ..files import fsync_dir, write_atomic, write_tmp
 
 log = logging.getLogger("mimkit")
 CKPT_RE = re.compile(r"checkpoint-(\d+)\.pt$")
-
-
-def _write_tmp(path: Path, data: bytes) -> Path:
-    """Write ``data`` beside ``path`` under a temporary name, flushed and fsynced; nothing is left on failure."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _write_atomic(path: Path, data: bytes):
-    tmp = _write_tmp(path, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path, obj) -> Path:
-    """A JSON file (indented, paths and other objects as strings), written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
-    return path
-
-
-def _fsync_dir(path: Path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def save_checkpoint(state: dict, path) -> Path:
@@ -84,14 +42,14 @@ def save_checkpoint(state: dict, path) -> Path:
         torch.save(state, buf)
         data = buf.getvalue()
         digest = hashlib.sha256(data).hexdigest().encode()
-        tmp = _write_tmp(path, data)
+        tmp = write_tmp(path, data)
         if path.exists():
             side.unlink(missing_ok=True)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             os.replace(tmp, path)
-            _write_atomic(side, digest)
+            write_atomic(side, digest)
         else:
-            _write_atomic(side, digest)
+            write_atomic(side, digest)
             try:
                 os.replace(tmp, path)
             except BaseException:
@@ -102,7 +60,7 @@ def save_checkpoint(state: dict, path) -> Path:
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

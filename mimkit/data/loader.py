@@ -14,6 +14,7 @@ import random
 import struct
 import time
 from contextlib import contextmanager
+from typing import Optional
 
 import numpy as np
 import torch
@@ -197,6 +198,18 @@ def _check_same_size(source, indices, min_size, n=64):
                            f"pass cache_size= to resize them")
 
 
+def resolve_workers(num_workers: Optional[int], num_images: int, decode_only: bool = False) -> int:
+    """The one ``--num-workers`` rule: a count >= 0 is used as given; None or -1 means automatic, which is no
+    worker processes for a one-off decode of under 2,000 images (starting them costs more), else up to 8,
+    leaving one core to the training process when workers feed training."""
+    if num_workers is not None and num_workers >= 0:
+        return int(num_workers)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if decode_only:
+        return 0 if num_images < 2000 else min(8, cpus)
+    return max(0, min(8, cpus - 1))
+
+
 def build_cache(source: ImageSource, indices, size: int = None, min_size: int = 1, max_bytes: int = CACHE_MAX_BYTES,
                 num_workers: int = None) -> ImageCache:
     """Decode ``source[indices]`` once into memory, in parallel.
@@ -217,8 +230,7 @@ def build_cache(source: ImageSource, indices, size: int = None, min_size: int = 
     if nbytes > max_bytes:
         raise _NoCache(f"{len(indices)} images of {hw[1]}x{hw[0]} px need {nbytes / 2**30:.1f} GiB, over "
                        f"{max_bytes / 2**30:.1f} GiB")
-    if num_workers is None:
-        num_workers = 0 if len(indices) < 2000 else min(8, len(os.sched_getaffinity(0)))
+    num_workers = resolve_workers(num_workers, len(indices), decode_only=True)
     images, bad = torch.zeros(len(indices), 3, *hw, dtype=torch.uint8), {}
     dl = DataLoader(ds, batch_size=256, num_workers=num_workers, collate_fn=_stack_decoded)
     for ks, xs, bad_chunk in dl:
@@ -293,8 +305,7 @@ class Loader:
             # workers stay deterministic
             transform = build_transform(recipe, img_size, aug, **transform_kwargs)
             ds = ImageDataset(self.source, self.indices, transform, min_size, self.cache)
-            if num_workers is None:
-                num_workers = min(8, len(os.sched_getaffinity(0)) - 1)
+            num_workers = resolve_workers(num_workers, len(self.indices))
             # own generator: DataLoader draws worker base seeds (unused here) from the global stream otherwise
             self._dl = DataLoader(ds, batch_sampler=_RankBatches(self), num_workers=num_workers, collate_fn=collate,
                                   pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -21,6 +20,8 @@ import torch.nn as nn
 
 from ..checkpoints.io import load_checkpoint, load_latest
 from ..errors import CheckpointError, ConfigError
+from ..files import write_text
+from ..precision import autocast
 from ..models import MaskedAutoencoder, MaskedViT, create_mae
 
 log = logging.getLogger("mimkit")
@@ -119,12 +120,6 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 # features ---------------------------------------------------------------------------------------------
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def extract_features(encoder: MaskedViT, loader, pool: str, device, precision: str = "fp32"
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Frozen features of every image the loader yields: (N, D) float32 and (N,) int64, both on the CPU."""
@@ -132,7 +127,7 @@ def extract_features(encoder: MaskedViT, loader, pool: str, device, precision: s
     was_training = encoder.training
     encoder.eval().to(device)
     feats, labels = [], []
-    with torch.inference_mode(), _autocast(device, precision):
+    with torch.inference_mode(), autocast(device, precision):
         for images, y in loader:
             f = encoder.extract(images.to(device, non_blocking=True), pool)
             if pool == "mean" and not isinstance(getattr(encoder, "fc_norm", nn.Identity()), nn.Identity):
@@ -269,7 +264,7 @@ def image_loader(source, indices, cfg, env, *, recipe: str = "eval", img_size: i
     rank, world = (env.rank, env.world_size) if distributed else (0, 1)
     return make_loader(source, indices, batch_size=batch_size or cfg.batch_size, recipe=recipe, img_size=img_size,
                        seed=cfg.seed, rank=rank, world_size=world,
-                       num_workers=None if cfg.num_workers < 0 else cfg.num_workers, device=env.device,
+                       num_workers=cfg.num_workers, device=env.device,
                        cache=cfg.cache, shuffle=shuffle, drop_last=drop_last, **transform_kwargs)
 
 
@@ -297,9 +292,7 @@ def write_results(run_dir, command: str, results: dict) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "results.json"
-    tmp = path.with_name(".results.json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
-    tmp.replace(path)
+    write_text(path, json.dumps(results, indent=2, default=_jsonable) + "\n")
     print(f"{command}: top1 {results['top1']:.2f}%  top5 {results['top5']:.2f}%  "
           f"({results.get('num_val', '?')} validation images; {path})", flush=True)
     return path

@@ -22,7 +22,8 @@ from timm.optim import create_optimizer_v2
 
 from ..config import FinetuneConfig, save_config
 from ..errors import ConfigError
-from ..engine import autocast, effective_lr, fit, seed_everything, setup
+from ..engine import effective_lr, fit, seed_everything, setup
+from ..precision import autocast
 from ..models import MaskedViT
 from .features import eval_data, eval_img_size, image_loader, load_eval_encoder, topk_accuracy, write_results
 
@@ -174,7 +175,7 @@ def evaluate(task: FinetuneTask, loader, env, precision: str = "fp32") -> dict:
     was_training = task.training
     task.eval()
     scores, labels = [], []
-    with torch.inference_mode(), autocast(env, precision):
+    with torch.inference_mode(), autocast(env.device, precision):
         for images, y in loader:
             scores.append(task.logits(images.to(env.device)).float().cpu())
             labels.append(torch.as_tensor(y).long().cpu())
