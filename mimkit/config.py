@@ -13,7 +13,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 
@@ -43,9 +43,18 @@ class RunOptions:
 
 @dataclass
 class DataOptions:
-    data: str = opt("builtin", "image folder, .tar/.tar.gz of one, or 'builtin' (the embedded sample)")
+    data: str = opt("builtin", "image folder, .tar/.tar.gz of one, or 'builtin' (the embedded sample); files: "
+                    "JPEG, PNG (8/16-bit), TIFF (multi-band, multi-page), WebP, BMP, .npy/.npz (H, W, C) arrays")
     val_fraction: float = opt(0.1, "last fraction of each class held out for validation (never pretrained on)")
     img_size: int = opt(0, "input size in px (0: the model preset's)")
+    in_chans: int = opt(0, "input channels (0: from the files when they agree; a checkpoint's for evaluations); "
+                        "1 or 3 convert grey and RGB files on read")
+    value_range: str = opt("", "file values mapped to 0..1: '' the dtype's range (uint8 0..255, uint16 0..65535, "
+                           "float 0..1), LOW,HIGH, or pA,pB per-channel percentiles of the training images; "
+                           "explicit ranges clip")
+    mean: str = opt("", "per-channel input mean, comma-separated, or 'auto' (computed from up to 500 training "
+                    "images); '' : ImageNet's for 3 channels, auto otherwise (evaluations: the checkpoint's)")
+    std: str = opt("", "per-channel input std, comma-separated, or 'auto' (see --mean)")
 
 
 @dataclass
@@ -92,6 +101,9 @@ class PretrainConfig(RunOptions, DataOptions, OptimOptions, EngineOptions):
     figure_every: int = opt(1, "epochs between reconstruction figures (0: only at the end)")
     objective_args: Dict[str, Any] = field(default_factory=dict,
                                            metadata={"help": "extra options of the objective (YAML mapping)"})
+    pixels: Dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "the input spec pretraining resolved from --in-chans/--value-range/--mean/--std and the data "
+                "(written to config.yaml; given, it is used as is)"})
 
     def validate(self):
         check_common(self)
@@ -175,6 +187,8 @@ class ReconstructConfig(RunOptions):
     grid: bool = opt(True, "one PNG grid (else one PNG per image)")
     val_fraction: float = opt(0.0, "show and score held-out images: the last fraction of each class, as "
                               "pretrain's --val-fraction (0: the first images of --images)")
+    bands: str = opt("", "for images of more than 3 channels: the three shown as red,green,blue, 1-based "
+                     "(e.g. 4,3,2; default the first three); one channel is shown grey")
     target: str = opt("auto", "what the decoder predicts: as recorded in the checkpoint (official files: normalised "
                       "pixels), or force normalised/raw (the official mae_visualize weights: raw)",
                       ["auto", "normalised", "raw"])
@@ -187,6 +201,8 @@ class ReconstructConfig(RunOptions):
             raise ConfigError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.bands and not re.fullmatch(r"\d+,\d+,\d+", self.bands.replace(" ", "")):
+            raise ConfigError(f"--bands must be three channel numbers like 4,3,2; got {self.bands!r}")
 
 
 @dataclass
@@ -415,6 +431,8 @@ def check_run(cfg):
     data = getattr(cfg, "data", "builtin")
     if data not in ("builtin", "builtin:sample"):
         check_file(data, "--data")
+    if hasattr(cfg, "in_chans"):
+        check_pixel_options(cfg.in_chans, cfg.value_range, cfg.mean, cfg.std)
 
 
 def check_choice(name: str, value, allowed):
@@ -448,6 +466,44 @@ def check_eval(cfg):
     if cfg.train_images < 0:
         raise ConfigError(f"--train-images must be >= 0, got {cfg.train_images}")
     check_run(cfg)
+
+
+# pixel options (mimkit.data.pixels applies them) -----------------------------------------------------------------
+def parse_floats(text: str, option: str) -> List[float]:
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} must be comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"{option} must be finite comma-separated numbers, got {text!r}")
+    return values
+
+
+def check_pixel_options(in_chans: int, value_range: str, mean: str, std: str):
+    """One-line errors for the options alone, before any file is read."""
+    if in_chans < 0:
+        raise ConfigError(f"--in-chans must be >= 0 (0: from the data), got {in_chans}")
+    if value_range:
+        parts = [p.strip() for p in str(value_range).split(",")]
+        if len(parts) != 2:
+            raise ConfigError(f"--value-range must be LOW,HIGH or pA,pB (percentiles), got {value_range!r}")
+        if all(p.lower().startswith("p") for p in parts):
+            a, b = parse_floats(",".join(p[1:] for p in parts), "--value-range")
+            if not 0 <= a < b <= 100:
+                raise ConfigError(f"--value-range percentiles must satisfy 0 <= A < B <= 100, got {value_range!r}")
+        else:
+            lo, hi = parse_floats(value_range, "--value-range")
+            if not lo < hi:
+                raise ConfigError(f"--value-range needs LOW < HIGH, got {value_range!r}")
+    for name, text in (("--mean", mean), ("--std", std)):
+        if text and text != "auto":
+            values = parse_floats(text, name)
+            if in_chans and len(values) != in_chans:
+                raise ConfigError(f"{name} has {len(values)} value(s) but --in-chans is {in_chans}")
+            if name == "--std" and min(values) <= 0:
+                raise ConfigError(f"--std values must be > 0, got {text!r}")
+    if (mean == "auto") != (std == "auto") and mean and std:
+        raise ConfigError("--mean and --std: give both as numbers or both as auto")
 
 
 # loading ----------------------------------------------------------------------------------------

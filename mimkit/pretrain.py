@@ -7,7 +7,7 @@ from timm.optim import create_optimizer_v2
 
 from .config import PretrainConfig, save_config
 from .errors import ConfigError
-from .data import check_sample, make_loader, open_images, split_train_val
+from .data import PixelSpec, check_sample, make_loader, open_images, resolve_pixels, split_train_val
 from .engine import TrainResult, effective_lr, fit, seed_everything, setup
 from .objectives import build_objective
 
@@ -18,6 +18,9 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     """Pretrain on ``cfg.data`` (its training split only) and write everything to ``cfg.output``."""
     env = setup(cfg)
     seed_everything(cfg.seed)
+    source = open_images(cfg.data)
+    train_idx, val_idx = split_train_val(source, cfg.val_fraction)
+    pixels = _resolve_pixels(cfg, source, train_idx)
     objective = build_objective(cfg)
     encoder = objective.encoder
     img_size, patch = encoder.arch["img_size"], encoder.arch["patch_size"]
@@ -26,13 +29,11 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     if cfg.init:
         _init_from(objective, cfg.init)
 
-    source = open_images(cfg.data)
-    train_idx, val_idx = split_train_val(source, cfg.val_fraction)
-    check_sample(source, min_size=patch)
+    check_sample(source, min_size=patch, pixels=pixels)
     loader = make_loader(source, train_idx, batch_size=cfg.batch_size, recipe="pretrain", img_size=img_size,
                          aug=cfg.aug, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
                          num_workers=cfg.num_workers, device=env.device,
-                         cache=cfg.cache, min_size=patch)
+                         cache=cfg.cache, min_size=patch, pixels=pixels)
     if cfg.grad_checkpointing:
         encoder.set_grad_checkpointing(True)
 
@@ -48,7 +49,8 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
                  cfg.objective, cfg.model, sum(p.numel() for p in objective.parameters()) / 1e6, len(train_idx),
                  cfg.data, len(val_idx), lr, cfg.precision, env.device)
 
-    figure = _figure_callback(objective, source, val_idx if len(val_idx) else train_idx, img_size, run_dir, cfg, env)
+    figure = _figure_callback(objective, source, val_idx if len(val_idx) else train_idx, img_size, run_dir, cfg, env,
+                              pixels)
     result = fit(objective, optimizer, loader, cfg, run_dir, env, on_epoch_end=figure)
     if env.is_main:
         if figure is not None:
@@ -58,6 +60,29 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
         log.info("done: %d steps, %d epochs, final loss %.4f, %.1f min; checkpoints in %s", result.step,
                  result.epoch, result.loss, result.seconds / 60, run_dir / "checkpoints")
     return result
+
+
+RGB_ONLY = ("beit", "igpt")  # a tokenizer / colour palette trained on RGB pixels
+
+
+def _resolve_pixels(cfg, source, train_idx) -> PixelSpec:
+    """The run's input spec: ``cfg.pixels`` when given (a rerun of a config.yaml), else resolved from the options
+    and the training images; recorded in ``cfg.pixels`` (so in config.yaml, the checkpoints' config and, through
+    the encoder's arch, every checkpoint and export) unless it is the 8-bit RGB default."""
+    if cfg.pixels:
+        try:
+            spec = PixelSpec.from_dict(cfg.pixels)
+        except (TypeError, KeyError, ValueError) as e:
+            raise ConfigError(f"--pixels: not a pixel spec ({e}); leave it empty to resolve it from the data") from None
+    else:
+        spec = resolve_pixels(source, train_idx, cfg.in_chans, cfg.value_range, cfg.mean, cfg.std)
+    if spec.in_chans != 3 and cfg.objective in RGB_ONLY:
+        raise ConfigError(f"--objective {cfg.objective} works on RGB images only (its tokenizer / colour palette); "
+                          f"the data has {spec.in_chans} channel(s): use mae, simmim or vit_mpp")
+    if spec != PixelSpec():
+        cfg.pixels = spec.to_dict()
+        log.info("input: %s", spec.describe())
+    return spec
 
 
 def _init_from(objective, path: str):
@@ -71,7 +96,7 @@ def _init_from(objective, path: str):
     log.info("--init: loaded %s", path)
 
 
-def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env):
+def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env, pixels):
     """Reconstruction figures of a few fixed held-out images at every ``figure_every`` epochs and at the end."""
     if not hasattr(objective, "model") or not hasattr(objective.model, "reconstruct"):
         return None
@@ -86,9 +111,9 @@ def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env):
             return
         if images is None:
             picks = _good_images(source, list(indices)[::max(1, len(indices) // 8)] + list(indices), 8,
-                                 objective.encoder.patch_size)
+                                 objective.encoder.patch_size, pixels)
             loader = make_loader(source, picks, batch_size=len(picks), recipe="eval", img_size=img_size, shuffle=False,
-                                 num_workers=0, cache="off", device=env.device)
+                                 num_workers=0, cache="off", device=env.device, pixels=pixels)
             images = next(iter(loader))[0]
         was_training = objective.training
         objective.eval()
@@ -100,15 +125,16 @@ def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env):
     return on_epoch_end
 
 
-def _good_images(source, candidates, n: int, min_size: int):
+def _good_images(source, candidates, n: int, min_size: int, pixels: PixelSpec):
     """The first ``n`` distinct candidates that decode and are large enough, found quietly: the training loader
     names each bad file once, and a figure must not name them again."""
-    from .data import load_image
+    from .data import load_image, load_input
     from .errors import BadImage
     picks = []
     for i in dict.fromkeys(candidates):
         try:
-            if min(load_image(source, i).size) >= min_size:
+            size = load_image(source, i).size if pixels.is_rgb8 else load_input(source, i, pixels).shape[1:]
+            if min(size) >= min_size:
                 picks.append(i)
         except BadImage:
             continue

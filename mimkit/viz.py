@@ -6,27 +6,43 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from .data import MEAN, STD
+from .errors import ConfigError
+
+from .data import PixelSpec
 
 log = logging.getLogger("mimkit")
 
 
-def _to_pixels(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return (x.float() * std + mean).clamp(0, 1)
+def _to_pixels(x: torch.Tensor, spec: PixelSpec, bands=None) -> torch.Tensor:
+    """Normalised (B, C, H, W) -> displayable (B, 3, H, W) in [0, 1]: one channel as grey, three as RGB, more as
+    the false colour of ``bands`` (1-based, as remote sensing names them; default the first three)."""
+    mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
+    x = (x.float() * std + mean).clamp(0, 1)
+    if x.shape[1] == 1:
+        return x.expand(-1, 3, -1, -1)
+    return x[:, [b - 1 for b in (bands or (1, 2, 3))]]
+
+
+def check_bands(bands, in_chans: int):
+    if bands and (len(bands) != 3 or not all(1 <= b <= in_chans for b in bands)):
+        raise ConfigError(f"--bands needs three channel numbers in 1..{in_chans}, got {','.join(map(str, bands))}")
 
 
 @torch.no_grad()
-def reconstruction_panels(mae, images: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0) -> torch.Tensor:
-    """(B, 4, 3, H, W) in [0, 1]: original, masked input (hidden patches grey), reconstruction, pasted."""
+def reconstruction_panels(mae, images: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0,
+                          bands=None) -> torch.Tensor:
+    """(B, 4, 3, H, W) in [0, 1]: original, masked input (hidden patches grey), reconstruction, pasted; N-channel
+    images shown as the false colour of ``bands`` (see :func:`_to_pixels`)."""
     gen = torch.Generator().manual_seed(seed)
     gh, gw = images.shape[-2] // mae.patch_size, images.shape[-1] // mae.patch_size
     noise = torch.rand(images.shape[0], gh * gw, generator=gen).to(images.device)
     recon, mask = mae.reconstruct(images, mask_ratio=mask_ratio, noise=noise)
     p = mae.patch_size
     pixel_mask = mask.reshape(-1, 1, gh, gw).repeat_interleave(p, 2).repeat_interleave(p, 3)  # 1 = hidden
-    original, recon = _to_pixels(images), _to_pixels(recon)
+    spec = PixelSpec.from_dict(mae.encoder.arch.get("pixels"), mae.encoder.in_chans)
+    check_bands(bands, spec.in_chans)
+    original, recon = _to_pixels(images, spec, bands), _to_pixels(recon, spec, bands)
     masked = original * (1 - pixel_mask) + 0.5 * pixel_mask
     pasted = original * (1 - pixel_mask) + recon * pixel_mask
     return torch.stack([original, masked, recon, pasted], dim=1)
@@ -37,9 +53,10 @@ def _upscale(x: torch.Tensor, min_px: int = 128) -> torch.Tensor:
     return F.interpolate(x, scale_factor=scale, mode="nearest") if scale > 1 else x
 
 
-def reconstruction_grid(mae, images: torch.Tensor, path, mask_ratio: float = 0.75, seed: int = 0) -> Path:
+def reconstruction_grid(mae, images: torch.Tensor, path, mask_ratio: float = 0.75, seed: int = 0,
+                        bands=None) -> Path:
     """One PNG, a row per image; small images are enlarged (nearest) so patches stay visible."""
-    panels = reconstruction_panels(mae, images, mask_ratio, seed)
+    panels = reconstruction_panels(mae, images, mask_ratio, seed, bands)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(make_grid(_upscale(panels.flatten(0, 1).cpu()), nrow=4, padding=2, pad_value=1.0), path)
@@ -75,6 +92,9 @@ def reconstruct(cfg) -> list:
     norm_pix = {"auto": None, "normalised": True, "raw": False}[cfg.target]
     mae, info = load_mae(cfg.checkpoint, allow_missing_decoder=False, norm_pix_loss=norm_pix)
     mae.eval()
+    pixels = PixelSpec.from_dict(mae.encoder.arch.get("pixels"), mae.encoder.in_chans)
+    bands = [int(b) for b in cfg.bands.split(",")] if cfg.bands else None
+    check_bands(bands, pixels.in_chans)
     source = open_images(cfg.images)
     if cfg.val_fraction > 0:
         scored = split_train_val(source, cfg.val_fraction)[1]
@@ -86,16 +106,16 @@ def reconstruct(cfg) -> list:
 
     def images_of(indices, batch_size):
         loader = make_loader(source, indices, batch_size=batch_size, recipe="eval", shuffle=False, num_workers=0,
-                             img_size=mae.encoder.arch["img_size"], cache="off", device="cpu")
+                             img_size=mae.encoder.arch["img_size"], cache="off", device="cpu", pixels=pixels)
         return (x for x, _ in loader)
 
     images = torch.cat(list(images_of(shown, len(shown))))
     out = Path(cfg.output)
     if cfg.grid:
         paths = [reconstruction_grid(mae, images, out / f"reconstruction-mask{cfg.mask_ratio:.2f}-seed{cfg.seed}.png",
-                                     cfg.mask_ratio, cfg.seed)]
+                                     cfg.mask_ratio, cfg.seed, bands)]
     else:
-        panels = reconstruction_panels(mae, images, cfg.mask_ratio, cfg.seed)
+        panels = reconstruction_panels(mae, images, cfg.mask_ratio, cfg.seed, bands)
         paths = []
         for name, row in zip([source.names[i] for i in shown], panels):
             p = out / (Path(name).stem + f"-mask{cfg.mask_ratio:.2f}.png")

@@ -1,4 +1,5 @@
-"""Bytes -> RGB PIL image, for every mode a folder of real-world files contains, or a clear BadImage."""
+"""Bytes -> RGB PIL image, for every mode a folder of real-world files contains, or a clear BadImage; and
+bytes -> an (H, W, C) array at full precision (:func:`decode_array`) for 16-bit, multi-band and array files."""
 import io
 import struct
 import warnings
@@ -9,9 +10,9 @@ from PIL import Image, ImageOps
 from ..errors import BadImage
 
 try:  # torchvision's decoders are deprecated since 0.29 (in favour of TorchCodec); PIL does it all when they go
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 except ImportError:
-    decode_jpeg = None
+    decode_jpeg = decode_png = None
 
 # Decompression bombs: PIL warns above MAX_IMAGE_PIXELS and raises above twice that; we treat the warning as an
 # error as well. 2**28 px (16k x 16k) is far above any training image, and bounds a decode to ~800 MB.
@@ -44,6 +45,11 @@ def decode_image(data: bytes, name: str = "<bytes>", draft=None) -> Image.Image:
     ``load()`` forces the full decode here rather than half an image later) and for decompression bombs.
     ``draft=(w, h)`` lets JPEGs decode at a reduced DCT scale that stays at least that large (fast caching).
     """
+    return to_rgb(_decode_pil(data, name, draft))
+
+
+def _decode_pil(data: bytes, name: str, draft=None) -> Image.Image:
+    """The PIL image as stored (any mode), EXIF orientation applied, fully decoded; or BadImage."""
     if not data:
         raise BadImage(name, "empty file (0 bytes)")
     try:
@@ -57,7 +63,7 @@ def decode_image(data: bytes, name: str = "<bytes>", draft=None) -> Image.Image:
             ImageOps.exif_transpose(img, in_place=True)
         except Exception:
             pass  # a broken EXIF block does not make the pixels bad
-        return to_rgb(img)
+        return img
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad data
         raise BadImage(name, f"cannot decode ({type(e).__name__}: {e})".replace("\n", " ")) from None
 
@@ -106,3 +112,94 @@ def read_bytes(source, i: int) -> bytes:
 def load_image(source, i: int, draft=None) -> Image.Image:
     """Read and decode image ``i`` of a source."""
     return decode_image(read_bytes(source, i), source.names[i], draft)
+
+
+# full precision, any channel count ----------------------------------------------------------------------------
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def decode_array(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decode ``data`` to an (H, W, C) array of the file's own dtype, nothing rescaled or dropped.
+
+    TIFF (tifffile): every band of the first series, samples or planes as channels; a multi-page file whose
+    pages are single 2-D planes of one size is one image with a channel per page. ``.npy`` / ``.npz`` (one
+    array): (H, W) or (H, W, C), any numeric dtype, NaN/inf refused. 16-bit PNG: torchvision's decoder (PIL
+    reads 16-bit RGB as 8-bit). Everything else through :func:`decode_image`'s rules, except that a grey image
+    stays one channel (L, or 16/32-bit I;16 / I / F at full precision). Alpha is composited on black, as there.
+    """
+    if not data:
+        raise BadImage(name, "empty file (0 bytes)")
+    try:
+        if data[:4] in _TIFF_MAGIC:
+            arr = _tiff(data)
+        elif data[:6] == b"\x93NUMPY" or data[:4] == b"PK\x03\x04":
+            arr = _numpy(data)
+        elif data[:8] == _PNG_MAGIC and len(data) > 26 and data[24] == 16:  # IHDR bit depth 16
+            arr = _png16(data)
+        else:
+            arr = None
+    except BadImage:
+        raise
+    except Exception as e:
+        raise BadImage(name, f"cannot decode ({type(e).__name__}: {e})".replace("\n", " ")) from None
+    if arr is None:
+        arr = _pil_array(data, name)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or min(arr.shape) == 0:
+        raise BadImage(name, f"expected an (H, W) or (H, W, C) image, got shape {arr.shape}")
+    if arr.dtype.kind not in "uif":
+        raise BadImage(name, f"dtype {arr.dtype} is not numeric")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise BadImage(name, f"holds {int((~np.isfinite(arr)).sum())} NaN or infinite values")
+    return arr
+
+
+def _tiff(data: bytes) -> np.ndarray:
+    import tifffile
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        series = tif.series
+        planes = [s for s in series if len(s.shape) == 2]
+        if len(series) > 1 and len(planes) == len(series) and len({s.shape for s in series}) == 1:
+            return np.stack([s.asarray() for s in series], -1)  # pages written one by one: a band each
+        s = series[0]
+        arr, axes = s.asarray(), s.axes
+    if "Y" not in axes or "X" not in axes:
+        raise ValueError(f"TIFF axes {axes} have no Y and X")
+    others = [i for i, a in enumerate(axes) if a not in "YX"]
+    arr = np.moveaxis(arr, [axes.index("Y"), axes.index("X")], [0, 1])
+    return arr.reshape(arr.shape[0], arr.shape[1], -1) if others else arr
+
+
+def _numpy(data: bytes) -> np.ndarray:
+    loaded = np.load(io.BytesIO(data), allow_pickle=False)  # a pickled object array is refused, never run
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            if len(loaded.files) != 1:
+                raise ValueError(f".npz holds {len(loaded.files)} arrays ({', '.join(loaded.files[:4])}); "
+                                 f"expected one (H, W, C) array")
+            loaded = loaded[loaded.files[0]]
+    return np.asarray(loaded)
+
+
+def _png16(data: bytes) -> np.ndarray:
+    if decode_png is None:
+        raise ValueError("16-bit PNG needs torchvision's PNG decoder")
+    x = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+    arr = x.permute(1, 2, 0).numpy().astype(np.uint16)  # torch's uint16 has few ops; numpy's has all
+    if arr.shape[2] in (2, 4):  # grey + alpha, RGBA: composite on black, as for 8-bit
+        a = arr[:, :, -1:].astype(np.float64) / 65535
+        arr = np.rint(arr[:, :, :-1] * a).astype(np.uint16)
+    return arr
+
+
+def _pil_array(data: bytes, name: str) -> np.ndarray:
+    img = _decode_pil(data, name)
+    if img.mode in _WIDE_GREY:
+        dtype = {"I": np.int32, "F": np.float32}.get(img.mode, np.uint16)
+        return np.asarray(img, dtype=dtype)
+    if img.mode in ("L", "1", "LA", "La"):  # grey stays one channel (alpha composited on black: exact for grey)
+        return np.asarray(to_rgb(img).convert("L") if img.mode in ("LA", "La") or "transparency" in img.info
+                          else img.convert("L"))
+    return np.asarray(to_rgb(img))

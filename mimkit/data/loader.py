@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .decode import decode_tensor, load_image, pil_to_tensor, read_bytes
 from ..errors import BadImage, DataError
+from .pixels import PixelSpec, load_input
 from .source import ImageSource, open_images
-from .transforms import AUGS, RECIPES, BatchAugment, build_transform
+from .transforms import AUGS, RECIPES, BatchAugment, TensorTransform, build_transform
 
 log = logging.getLogger(__name__)
 CACHE_MAX_BYTES = 4 * 2 ** 30  # decode into memory when the uint8 images fit in this
@@ -58,7 +59,8 @@ def _seeded(seed):
 
 
 class ImageCache:
-    """Decoded images of a subset, uint8 (N, 3, H, W), with the files that failed to decode (``bad``: pos -> reason)."""
+    """Decoded images of a subset, (N, C, H, W) uint8 (8-bit files) or float32 in [0, 1], with the files that
+    failed to decode (``bad``: pos -> reason)."""
 
     def __init__(self, images: torch.Tensor, bad: dict):
         self.images, self.bad = images, bad
@@ -72,12 +74,15 @@ class ImageDataset(Dataset):
     ``ds[k]`` returns ``(tensor, label, source_index)``; ``ds[(k, seed)]`` does the same with the transform's
     randomness seeded by ``seed`` (what :class:`Loader` uses). A file that cannot be used comes back as
     ``(None, name, reason)``, so that :func:`collate` drops it and the main process can report it.
-    Images smaller than ``min_size`` (e.g. one patch) count as bad files.
+    Images smaller than ``min_size`` (e.g. one patch) count as bad files. With a non-RGB ``pixels`` spec the
+    images are (C, H, W) tensors (:func:`mimkit.data.pixels.load_input`) and ``transform`` takes tensors.
     """
 
-    def __init__(self, source: ImageSource, indices=None, transform=None, min_size: int = 1, cache: ImageCache = None):
+    def __init__(self, source: ImageSource, indices=None, transform=None, min_size: int = 1, cache: ImageCache = None,
+                 pixels: PixelSpec = None):
         self.source, self.transform, self.min_size, self.cache = source, transform, min_size, cache
         self.indices = list(range(len(source))) if indices is None else [int(i) for i in indices]
+        self.pixels = None if pixels is None or pixels.is_rgb8 else pixels
 
     def __len__(self):
         return len(self.indices)
@@ -87,7 +92,14 @@ class ImageDataset(Dataset):
         if self.cache is not None:
             if k in self.cache.bad:
                 raise BadImage(self.source.names[i], self.cache.bad[k])
+            if self.pixels is not None:
+                return self.cache.images[k]
             return Image.fromarray(self.cache.images[k].permute(1, 2, 0).numpy())
+        if self.pixels is not None:
+            x = load_input(self.source, i, self.pixels)
+            if min(x.shape[1:]) < self.min_size:
+                raise BadImage(self.source.names[i], f"{x.shape[2]}x{x.shape[1]} px is smaller than {self.min_size} px")
+            return x
         img = load_image(self.source, i)
         if min(img.size) < self.min_size:
             raise BadImage(self.source.names[i], f"{img.size[0]}x{img.size[1]} px is smaller than {self.min_size} px")
@@ -119,7 +131,7 @@ def collate(batch):
             torch.tensor([b[2] for b in good]), bad)
 
 
-def check_sample(source: ImageSource, min_size: int, n: int = 32, indices=None):
+def check_sample(source: ImageSource, min_size: int, n: int = 32, indices=None, pixels: PixelSpec = None):
     """Decode ``n`` evenly spaced images up front and raise DataError when none of them is usable: all are
     smaller than ``min_size`` (one patch; the error names one) or none decodes. A few bad or tiny files among
     good ones are not fatal: training skips and names each."""
@@ -128,12 +140,15 @@ def check_sample(source: ImageSource, min_size: int, n: int = 32, indices=None):
     bad, small = [], []
     for i in picks:
         try:
-            img = load_image(source, i)
+            if pixels is None or pixels.is_rgb8:
+                size = load_image(source, i).size
+            else:
+                size = tuple(load_input(source, i, pixels).shape[:0:-1])  # (W, H)
         except BadImage as e:
             bad.append(e)
             continue
-        if min(img.size) < min_size:
-            small.append((i, img.size))
+        if min(size) < min_size:
+            small.append((i, size))
     if small and len(small) + len(bad) == len(picks):
         i, (w, h) = small[0]
         raise DataError(f"{os.path.join(source.root, source.names[i])}: image is {w}x{h} px, smaller than "
@@ -147,8 +162,9 @@ class _NoCache(Exception):
 
 
 class _DecodeSet(Dataset):
-    def __init__(self, source, indices, size, min_size):
+    def __init__(self, source, indices, size, min_size, pixels=None):
         self.source, self.indices, self.size, self.min_size = source, indices, size, min_size
+        self.pixels = None if pixels is None or pixels.is_rgb8 else pixels
 
     def __len__(self):
         return len(self.indices)
@@ -156,6 +172,8 @@ class _DecodeSet(Dataset):
     def __getitem__(self, k):
         i, S = self.indices[k], self.size
         name = self.source.names[i]
+        if self.pixels is not None:
+            return self._tensor(k, i, name, S)
         try:
             if S:  # draft: large JPEGs decode at a reduced scale that stays >= S
                 img = load_image(self.source, i, draft=(S, S))
@@ -169,6 +187,27 @@ class _DecodeSet(Dataset):
             return k, None, e.reason
         if S:  # shorter side to S, central S x S
             x = pil_to_tensor(img if (w, h) == (S, S) else ImageOps.fit(img, (S, S), Image.BICUBIC))
+        return k, x, ""
+
+    def _tensor(self, k, i, name, S):
+        """Any channel count and bit depth: shorter side to S and central S x S with bicubic (clamped to the
+        input's range), as ImageOps.fit does for the 8-bit RGB path."""
+        try:
+            x = load_input(self.source, i, self.pixels)
+            h, w = x.shape[1:]
+            if min(w, h) < self.min_size:
+                raise BadImage(name, f"{w}x{h} px is smaller than {self.min_size} px")
+        except BadImage as e:
+            return k, None, e.reason
+        if S and (h, w) != (S, S):
+            s = S / min(h, w)
+            rh, rw = max(S, round(h * s)), max(S, round(w * s))
+            top, left = (rh - S) // 2, (rw - S) // 2
+            dtype, top_value = x.dtype, 255 if x.dtype == torch.uint8 else 1
+            y = torch.nn.functional.interpolate(x[None].float(), size=(rh, rw), mode="bicubic", antialias=True,
+                                                align_corners=False)[0, :, top:top + S, left:left + S]
+            y = y.clamp(0, top_value)
+            x = (y.round().to(dtype) if dtype == torch.uint8 else y).contiguous()
         return k, x, ""
 
 
@@ -211,14 +250,14 @@ def resolve_workers(num_workers: Optional[int], num_images: int, decode_only: bo
 
 
 def build_cache(source: ImageSource, indices, size: int = None, min_size: int = 1, max_bytes: int = CACHE_MAX_BYTES,
-                num_workers: int = None) -> ImageCache:
+                num_workers: int = None, pixels: PixelSpec = None) -> ImageCache:
     """Decode ``source[indices]`` once into memory, in parallel.
 
     ``size=None`` keeps the images as they are and requires one common size; ``size=S`` makes every image S x S
     (shorter side to S, central crop). Raises _NoCache (with the reason) when that fails or exceeds ``max_bytes``.
     """
     indices = [int(i) for i in indices]
-    ds = _DecodeSet(source, indices, size, min_size)
+    ds = _DecodeSet(source, indices, size, min_size, pixels)
     if size:
         hw = (size, size)
     else:
@@ -226,12 +265,15 @@ def build_cache(source: ImageSource, indices, size: int = None, min_size: int = 
         hw = next((tuple(x.shape[1:]) for x in (ds[k][1] for k in range(min(len(ds), 64))) if x is not None), None)
         if hw is None:
             raise _NoCache("none of the first 64 images decodes")
-    nbytes = len(indices) * 3 * hw[0] * hw[1]
+    chans, dtype = 3, torch.uint8
+    if pixels is not None and not pixels.is_rgb8:
+        chans, dtype = pixels.in_chans, (torch.uint8 if pixels.dtype == "uint8" else torch.float32)
+    nbytes = len(indices) * chans * hw[0] * hw[1] * dtype.itemsize
     if nbytes > max_bytes:
         raise _NoCache(f"{len(indices)} images of {hw[1]}x{hw[0]} px need {nbytes / 2**30:.1f} GiB, over "
                        f"{max_bytes / 2**30:.1f} GiB")
     num_workers = resolve_workers(num_workers, len(indices), decode_only=True)
-    images, bad = torch.zeros(len(indices), 3, *hw, dtype=torch.uint8), {}
+    images, bad = torch.zeros(len(indices), chans, *hw, dtype=dtype), {}
     dl = DataLoader(ds, batch_size=256, num_workers=num_workers, collate_fn=_stack_decoded)
     for ks, xs, bad_chunk in dl:
         bad.update(bad_chunk)
@@ -261,12 +303,13 @@ class _RankBatches:
 
 
 class Loader:
-    """Iterate ``(images float32 (B, 3, S, S) normalised, labels long (B,))`` on ``device``; see :func:`make_loader`."""
+    """Iterate ``(images float32 (B, C, S, S) normalised, labels long (B,))`` on ``device``; see :func:`make_loader`."""
 
     def __init__(self, source, indices=None, *, batch_size: int, recipe: str = "pretrain", img_size: int = 224,
                  aug: str = "rrc", seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = None,
                  device="cpu", cache: str = "auto", cache_size: int = None, drop_last: bool = True,
-                 shuffle: bool = True, min_size: int = 1, with_index: bool = False, **transform_kwargs):
+                 shuffle: bool = True, min_size: int = 1, with_index: bool = False, pixels: PixelSpec = None,
+                 **transform_kwargs):
         if cache not in ("auto", "on", "off") or recipe not in RECIPES or aug not in AUGS:
             raise ValueError(f"expected cache in ('auto', 'on', 'off'), recipe in {RECIPES}, aug in {AUGS}; got "
                              f"{cache!r}, {recipe!r}, {aug!r}")
@@ -286,7 +329,7 @@ class Loader:
         self.cache = None
         if cache != "off":
             try:
-                self.cache = build_cache(self.source, self.indices, cache_size, min_size)
+                self.cache = build_cache(self.source, self.indices, cache_size, min_size, pixels=pixels)
             except _NoCache as e:
                 if cache == "on":
                     raise DataError(f"{self.source.root}: cannot cache the images: {e}") from None
@@ -295,6 +338,8 @@ class Loader:
             for k in sorted(self.cache.bad):
                 self._skip(self.source.names[self.indices[k]], self.cache.bad[k])
 
+        if pixels is not None and not pixels.is_rgb8:  # the spec's statistics, for the batched and per-image paths
+            transform_kwargs = dict(transform_kwargs, mean=pixels.mean, std=pixels.std)
         self.batched = self.cache is not None and recipe in ("pretrain", "eval")
         if self.batched:  # decoded once, augmented on batched tensors on the device
             self.augment = BatchAugment(recipe, img_size, aug, **transform_kwargs)
@@ -303,8 +348,11 @@ class Loader:
             self._dl = None
         else:  # per image, in DataLoader workers; the epoch travels inside the sampler's keys, so persistent
             # workers stay deterministic
-            transform = build_transform(recipe, img_size, aug, **transform_kwargs)
-            ds = ImageDataset(self.source, self.indices, transform, min_size, self.cache)
+            if pixels is None or pixels.is_rgb8:
+                transform = build_transform(recipe, img_size, aug, **transform_kwargs)
+            else:  # any channel count and bit depth: tensors all the way
+                transform = TensorTransform(recipe, img_size, aug, **transform_kwargs)
+            ds = ImageDataset(self.source, self.indices, transform, min_size, self.cache, pixels)
             num_workers = resolve_workers(num_workers, len(self.indices))
             # own generator: DataLoader draws worker base seeds (unused here) from the global stream otherwise
             self._dl = DataLoader(ds, batch_sampler=_RankBatches(self), num_workers=num_workers, collate_fn=collate,
@@ -376,7 +424,7 @@ class Loader:
 def make_loader(source, indices=None, *, batch_size: int, recipe: str = "pretrain", img_size: int = 224,
                 aug: str = "rrc", seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = None,
                 device="cpu", cache: str = "auto", cache_size: int = None, drop_last: bool = True, shuffle: bool = True,
-                min_size: int = 1, with_index: bool = False, **transform_kwargs) -> Loader:
+                min_size: int = 1, with_index: bool = False, pixels: PixelSpec = None, **transform_kwargs) -> Loader:
     """A deterministic loader over ``source[indices]`` (a source or a path; all images when indices is None).
 
     recipe/aug/img_size: see :mod:`mimkit.data.transforms`; ``transform_kwargs`` go to the recipe (scale=,
@@ -389,11 +437,13 @@ def make_loader(source, indices=None, *, batch_size: int, recipe: str = "pretrai
     shuffle=False keeps source order and returns every image (no drop_last), e.g. for feature extraction.
     Files that cannot be decoded, or are smaller than ``min_size``, are skipped, warned about once and listed in
     ``loader.skipped``; so a batch can be smaller than batch_size. with_index=True also yields source indices.
+    pixels: how files become input (:class:`mimkit.data.pixels.PixelSpec`: channels, value range, mean/std);
+    None is the 8-bit RGB default.
     """
     return Loader(source, indices, batch_size=batch_size, recipe=recipe, img_size=img_size, aug=aug, seed=seed,
                   rank=rank, world_size=world_size, num_workers=num_workers, device=device, cache=cache,
                   cache_size=cache_size, drop_last=drop_last, shuffle=shuffle, min_size=min_size,
-                  with_index=with_index, **transform_kwargs)
+                  with_index=with_index, pixels=pixels, **transform_kwargs)
 
 
 def benchmark_loader(loader, n_batches: int) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from ..errors import DataError
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".npy", ".npz")
 SAMPLE_DIR = Path(__file__).parent / "sample"
 BUILTIN = ("builtin", "builtin:sample")
 MAX_GZ_BYTES = 2 * 1024 ** 3  # a compressed tar larger than this is not read into memory

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
+from ..errors import ConfigError
+
 MEAN = (0.485, 0.456, 0.406)  # ImageNet
 STD = (0.229, 0.224, 0.225)
 RECIPES = ("pretrain", "finetune", "eval")
@@ -82,7 +84,8 @@ def _safe_posterize(transform):
 
 
 class BatchAugment:
-    """The pretrain and eval recipes on a whole uint8 batch (B, 3, H, W), on whatever device the batch is on.
+    """The pretrain and eval recipes on a whole batch (B, C, H, W), on whatever device the batch is on: uint8
+    (8-bit files, divided by 255 here) or float in [0, 1] (other bit depths); any C, with ``len(mean)`` = C.
 
     Why our own code: torchvision's transforms draw one set of random parameters per call, so a batched call
     would give every image the same crop, and a Python loop over images is what costs the CPU time we want to
@@ -99,10 +102,13 @@ class BatchAugment:
             raise ValueError(f"batched augmentation supports the pretrain and eval recipes, not {recipe!r}")
         if recipe == "pretrain" and aug not in AUGS:
             raise ValueError(f"unknown aug {aug!r}; expected one of {AUGS}")
+        if recipe == "pretrain" and aug == "rrc_jitter" and len(mean) != 3:
+            raise ConfigError(f"--aug rrc_jitter is a colour augmentation for RGB images; the data has {len(mean)} "
+                              f"channel(s) (use rrc)")
         self.mode = aug if recipe == "pretrain" else "eval"
         self.size, self.scale, self.ratio, self.crop_pct = img_size, scale or (0.2, 1.0), ratio, crop_pct
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def sample(self, n: int, hw, generator: torch.Generator) -> dict:
         """Parameters for ``n`` samples of source size ``hw``: crop boxes (top, left, h, w) in source pixels, flips,
@@ -134,11 +140,12 @@ class BatchAugment:
         return p
 
     def __call__(self, x: torch.Tensor, params: dict) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> normalised float32 (B, 3, S, S) on x's device."""
-        dev = x.device
+        """uint8 (B, C, H, W) or float in [0, 1] -> normalised float32 (B, C, S, S) on x's device."""
+        dev, byte = x.device, x.dtype == torch.uint8
         x = _resample(x.float(), params["box"].to(dev, torch.float32), params["flip"].to(dev), self.size,
                       "zeros" if self.mode == "fixed_crop" else "border")  # zeros = torchvision's pad fill 0
-        x = x.clamp_(0, 255).div_(255)  # bicubic overshoots; the PIL path clips to uint8 as well
+        # bicubic overshoots; the PIL path clips to uint8 as well
+        x = x.clamp_(0, 255).div_(255) if byte else x.clamp_(0, 1)
         if "jitter" in params:
             x = _color_jitter(x, params["jitter"].to(dev, torch.float32), params["order"].to(dev))
         return (x - self.mean.to(dev)) / self.std.to(dev)
@@ -199,3 +206,33 @@ def _color_jitter(x, factors, order):
             out = torch.where(sel, op(x, factors[:, k].view(-1, 1, 1, 1)).clamp(0, 1), out)
         x = out
     return x
+
+
+class TensorTransform:
+    """The per-image path for tensors of any channel count and bit depth ((C, H, W) uint8 or float in [0, 1]):
+    the pretrain and eval recipes are :class:`BatchAugment` on a batch of one, drawn from torch's global
+    generator (the loader seeds it per image). Fine-tuning gets the geometric part of MAE's recipe, a random
+    resized crop (scale 0.08-1) and flip, plus random erasing; RandAugment and colour jitter are RGB operations
+    and are refused for other channel counts.
+    """
+
+    def __init__(self, recipe: str, img_size: int, aug: str = "rrc", scale=None, crop_pct=None, mean=MEAN, std=STD,
+                 **finetune_kwargs):
+        self.erase = None
+        if recipe == "finetune":
+            kw = {**FINETUNE_DEFAULTS, **finetune_kwargs}
+            for key, what in (("auto_augment", "--randaug (RandAugment)"), ("color_jitter", "colour jitter")):
+                if kw.get(key):
+                    raise ConfigError(f"{what} is an augmentation for RGB images; the data has {len(mean)} "
+                                      f"channel(s): pass --randaug ''")
+            if kw.get("re_prob"):
+                from timm.data.random_erasing import RandomErasing
+                self.erase = RandomErasing(kw["re_prob"], mode=kw.get("re_mode", "pixel"), max_count=kw.get("re_count", 1),
+                                           device="cpu")
+            recipe, aug, scale = "pretrain", "rrc", scale or (0.08, 1.0)
+        self.augment = BatchAugment(recipe, img_size, aug, scale=scale, crop_pct=crop_pct, mean=mean, std=std)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        params = self.augment.sample(1, x.shape[1:], torch.default_generator)
+        x = self.augment(x[None], params)[0]
+        return self.erase(x) if self.erase is not None else x

@@ -1,6 +1,6 @@
 from .mae import MaskedAutoencoder, MAEOutput, patchify, unpatchify
-from .presets import DECODERS, ENCODERS, create_encoder, create_mae, list_models
+from .presets import DECODERS, ENCODERS, create_encoder, create_mae, encoder_overrides, list_models
 from .vit import MaskedViT
 
 __all__ = ["MaskedAutoencoder", "MAEOutput", "MaskedViT", "patchify", "unpatchify", "create_encoder", "create_mae",
-           "list_models", "ENCODERS", "DECODERS"]
+           "encoder_overrides", "list_models", "ENCODERS", "DECODERS"]

@@ -19,7 +19,7 @@ from .vit import Attention, MaskedViT
 
 class MAEOutput(NamedTuple):
     loss: torch.Tensor  # scalar: MSE over the hidden patches
-    pred: torch.Tensor  # (B, L, p*p*3) predicted pixels (normalised per patch when norm_pix_loss)
+    pred: torch.Tensor  # (B, L, p*p*C) predicted pixels (normalised per patch when norm_pix_loss)
     mask: torch.Tensor  # (B, L) 1 = hidden
 
 
@@ -66,7 +66,7 @@ class MaskedAutoencoder(nn.Module):
             Block(decoder_dim, decoder_heads, mlp_ratio, qkv_bias=True, norm_layer=norm, attn_layer=Attention)
             for _ in range(decoder_depth))
         self.decoder_norm = norm(decoder_dim)
-        self.decoder_pred = nn.Linear(decoder_dim, pred_dim or self.patch_size ** 2 * 3)
+        self.decoder_pred = nn.Linear(decoder_dim, pred_dim or self.patch_size ** 2 * encoder.in_chans)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -82,7 +82,7 @@ class MaskedAutoencoder(nn.Module):
         return patchify(imgs, self.patch_size)
 
     def unpatchify(self, x: torch.Tensor, grid_hw=None) -> torch.Tensor:
-        return unpatchify(x, self.patch_size, grid_hw)
+        return unpatchify(x, self.patch_size, grid_hw, self.encoder.in_chans)
 
     def random_masking(self, imgs: torch.Tensor, mask_ratio: float, noise=None, generator=None) -> RandomMask:
         gh, gw = imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size
@@ -95,7 +95,7 @@ class MaskedAutoencoder(nn.Module):
         return self.encoder.forward_features(imgs, ids_keep)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_hw=None) -> torch.Tensor:
-        """Append one shared mask token per hidden patch, unshuffle, decode to pixels: (B, L, p*p*3)."""
+        """Append one shared mask token per hidden patch, unshuffle, decode to pixels: (B, L, p*p*C)."""
         x = self.decoder_embed(latent)  # (B, 1 + K, d): the class token, then the K visible patches
         b, n_vis, d = x.shape
         # one gather builds the whole sequence: position i takes its visible token or the mask token (last in src)

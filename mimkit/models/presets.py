@@ -49,6 +49,16 @@ def default_decoder(name: str) -> dict:
     return dict(DECODERS["small32" if ENCODERS.get(name, {}).get("img_size") == 32 else "default"])
 
 
+def encoder_overrides(cfg) -> dict:
+    """The encoder options a command's config sets beyond the preset: ``img_size`` (0: the preset's), and the
+    input channels and pixel spec pretraining resolved from the data (``cfg.pixels``; empty for 8-bit RGB)."""
+    out = {"img_size": cfg.img_size} if getattr(cfg, "img_size", 0) else {}
+    pixels = getattr(cfg, "pixels", None)
+    if pixels:
+        out.update(in_chans=int(pixels["in_chans"]), pixels=dict(pixels))
+    return out
+
+
 def create_encoder(name: str = "vit_base_patch16_224", **overrides) -> MaskedViT:
     """A ViT encoder by preset name; keyword overrides (img_size, drop_path_rate, num_classes, ...) win."""
     return MaskedViT(**{**_resolve(name), **overrides})

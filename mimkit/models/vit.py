@@ -49,13 +49,23 @@ def _low_precision(x: torch.Tensor) -> bool:
 
 
 class MaskedViT(VisionTransformer):
+    """``in_chans``: input channels (any count; recorded in ``arch`` when not 3). ``pixels``: how files map to
+    this input (channels, value range, mean/std: :class:`mimkit.data.pixels.PixelSpec` as a dict), carried in
+    ``arch`` so checkpoints and exports keep it, as timm's ``pretrained_cfg`` keeps mean and std; None is the
+    8-bit RGB default with ImageNet's statistics."""
+
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, num_classes: int = 0, global_pool: str = "token",
-                 drop_path_rate: float = 0.0, fixed_pos_embed: bool = True, **kwargs):
+                 drop_path_rate: float = 0.0, fixed_pos_embed: bool = True, in_chans: int = 3,
+                 pixels: Optional[dict] = None, **kwargs):
         self.arch = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                          num_heads=num_heads, mlp_ratio=mlp_ratio)
+        if in_chans != 3:  # RGB checkpoints keep their arch as before
+            self.arch["in_chans"] = in_chans
+        if pixels:
+            self.arch["pixels"] = dict(pixels)
         super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                         num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=num_classes,
+                         num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=num_classes, in_chans=in_chans,
                          global_pool=global_pool, drop_path_rate=drop_path_rate,
                          norm_layer=partial(nn.LayerNorm, eps=1e-6), **{"attn_layer": Attention, **kwargs})
         gh, gw = self.patch_embed.grid_size
@@ -72,7 +82,7 @@ class MaskedViT(VisionTransformer):
         return self.patch_embed.patch_size[0]
 
     def patch_tokens(self, imgs: torch.Tensor, ids_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Embed the patches, (B, 3, H, W) -> (B, L, D), or only the patches ``ids_keep`` -> (B, K, D);
+        """Embed the patches, (B, C, H, W) -> (B, L, D), or only the patches ``ids_keep`` -> (B, K, D);
         without position embeddings."""
         p = self.patch_size
         if imgs.shape[-2] % p or imgs.shape[-1] % p:
@@ -123,7 +133,7 @@ class MaskedViT(VisionTransformer):
 
     def forward_features(self, imgs: torch.Tensor, ids_keep: Optional[torch.Tensor] = None,
                          attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 1 + K, D); any H, W divisible by the patch size. timm's ``forward`` calls this."""
+        """(B, C, H, W) -> (B, 1 + K, D); any H, W divisible by the patch size. timm's ``forward`` calls this."""
         if is_causal:
             raise ValueError("a ViT over image patches is not causal")
         grid = (imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size)

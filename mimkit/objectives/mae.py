@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..masking import mask_to_ids
-from ..models import MaskedAutoencoder, create_mae, patchify
+from ..models import MaskedAutoencoder, create_mae, encoder_overrides, patchify
 from .targets import (MASKINGS, PCATarget, check_args, check_bool, check_choice, check_int, draw_mask,
                       encode_with_mask_tokens, fit_images, masked_mean)
 
@@ -47,7 +47,7 @@ class MAEObjective(nn.Module):
             nn.init.normal_(self.enc_mask_token, std=0.02)
         self.pca = self.tokenizer = None
         if self.target == "pca":
-            self.pca = PCATarget(model.patch_size ** 2 * 3, pca_components)
+            self.pca = PCATarget(model.patch_size ** 2 * model.encoder.in_chans, pca_components)
             self.ablation.update(target="pca", pca_components=pca_components)
         elif self.target == "tokens":
             from ..tokenizer import VQTokenizer
@@ -74,7 +74,7 @@ class MAEObjective(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> "MAEObjective":
-        extra = {"img_size": cfg.img_size} if cfg.img_size else {}
+        extra = encoder_overrides(cfg)
         args = check_args("mae", cfg.objective_args, DEFAULTS)
         target = args["target"] or ("norm_pixels" if cfg.norm_pix_loss else "pixels")
         check_choice("mae", "target", target, TARGETS)
@@ -93,7 +93,7 @@ class MAEObjective(nn.Module):
             pred_dim = tok.codebook_size
         elif target == "pca":  # MAE kept 96 of 768 dimensions at patch 16: an eighth
             from ..models.presets import ENCODERS
-            patch_dim = ENCODERS[cfg.model]["patch_size"] ** 2 * 3
+            patch_dim = ENCODERS[cfg.model]["patch_size"] ** 2 * extra.get("in_chans", 3)
             pred_dim = args["pca_components"] = args["pca_components"] or max(1, patch_dim // 8)
             if pred_dim > patch_dim:
                 raise ConfigError(f"--objective-args: pca_components {pred_dim} for objective mae exceeds the "
