@@ -74,15 +74,16 @@ def embed(checkpoint, images, out, *, pool: str = "cls", img_size: int = 0, batc
     written. ``img_size`` 0 uses the checkpoint's resolution. Returns {features, names, shape}.
     """
     from .checkpoints import load
-    from .data import make_loader, open_images
+    from .data import encoder_pixels, make_loader, open_images, reuse_pixels
     model = load(checkpoint)
     enc = _encoder(model)
     dev = _device(device)
     enc.to(dev)
     size = img_size or enc.arch["img_size"]
     source = open_images(images)
+    pixels = reuse_pixels(encoder_pixels(enc.arch, enc.in_chans), source, range(len(source)))  # the checkpoint's
     loader = make_loader(source, list(range(len(source))), batch_size=batch_size, recipe="eval", img_size=size,
-                         shuffle=False, device=dev, num_workers=num_workers, with_index=True)
+                         shuffle=False, device=dev, num_workers=num_workers, with_index=True, pixels=pixels)
     feats, index = [], []
     for x, _, idx in loader:
         feats.append(extract_features(enc, x, pool).float().cpu())

@@ -3,12 +3,13 @@ augmentation recipes, and a deterministic, resumable, DDP-shardable loader with 
 from .decode import decode_array, decode_image, load_image, to_rgb
 from .loader import (ImageCache, ImageDataset, Loader, benchmark_loader, build_cache, check_sample, collate, resolve_workers,
                      make_loader)
-from .pixels import PixelSpec, channel_stats, default_spec, load_input, resolve_pixels
+from .pixels import (PixelSpec, channel_stats, default_spec, encoder_pixels, load_input, resolve_pixels,
+                     reuse_pixels)
 from .source import IMG_EXTENSIONS, ImageSource, open_images, split_train_val
 from .transforms import AUGS, MEAN, RECIPES, STD, BatchAugment, build_transform
 
 __all__ = ["AUGS", "BatchAugment", "IMG_EXTENSIONS", "ImageCache", "ImageDataset",
            "ImageSource", "Loader", "MEAN", "PixelSpec", "RECIPES", "STD", "benchmark_loader", "build_cache",
            "build_transform", "channel_stats", "check_sample", "collate", "decode_array", "decode_image",
-           "default_spec", "load_image", "load_input", "make_loader", "open_images", "resolve_pixels",
+           "default_spec", "encoder_pixels", "load_image", "load_input", "make_loader", "open_images", "resolve_pixels", "reuse_pixels",
            "resolve_workers", "split_train_val", "to_rgb"]

@@ -257,3 +257,31 @@ def _percentiles(source, indices, spec, q, stats_images):
         raise DataError(f"{source.root}: --value-range p{q[0]:g},p{q[1]:g} is empty for channel "
                         f"{int(np.argmax(hi <= lo))} (constant values); pass LOW,HIGH")
     return lo.tolist(), hi.tolist()
+
+
+def encoder_pixels(arch: dict, in_chans: int) -> PixelSpec:
+    """The spec a trained encoder records in its ``arch`` (the default for its channel count when it has none:
+    RGB checkpoints, foreign files)."""
+    return PixelSpec.from_dict(arch.get("pixels"), in_chans)
+
+
+def reuse_pixels(stored: PixelSpec, source, indices, in_chans: int = 0, value_range: str = "", mean: str = "",
+                 std: str = "") -> PixelSpec:
+    """The spec a command that reads a trained encoder uses on ``source[indices]``: the encoder's ``stored`` one,
+    with any option given explicitly taking its place (logged); the files are checked against it first (a file
+    of another channel count or dtype is a one-line DataError naming it)."""
+    if in_chans and in_chans != stored.in_chans:
+        raise ConfigError(f"--in-chans {in_chans}: the encoder takes {stored.in_chans} channel(s)")
+    if value_range or mean or std:
+        spec = resolve_pixels(source, indices, stored.in_chans, value_range,
+                              mean or _fmt(stored.mean), std or _fmt(stored.std))
+        if not value_range and stored.low is not None:
+            spec.dtype, spec.low, spec.high = "float", stored.low, stored.high
+        log.info("input: %s (options given here, in place of the encoder's %s)", spec.describe(), stored.describe())
+        return spec
+    for i, a in _probe(source, indices, PROBE_IMAGES):
+        try:
+            to_input(a, stored, source.names[i])
+        except BadImage as e:
+            raise DataError(f"{_path(source, i)}: {e.reason} (the encoder's input: {stored.describe()})") from None
+    return stored

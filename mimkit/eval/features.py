@@ -37,7 +37,7 @@ def load_eval_encoder(cfg) -> Tuple[MaskedViT, dict]:
     """
     source = {"checkpoint": cfg.checkpoint or None, "random_init": bool(cfg.random_init)}
     if cfg.random_init and cfg.model:
-        encoder = _fresh_encoder_from_preset(cfg.model)
+        encoder = _fresh_encoder_from_preset(cfg.model, cfg.in_chans or 3)
         source["model"] = cfg.model
         return encoder, source
     if not cfg.checkpoint:
@@ -94,9 +94,9 @@ def _load_mimkit_encoder(path: str):
     return objective.encoder, kind, arch
 
 
-def _fresh_encoder_from_preset(name: str) -> MaskedViT:
+def _fresh_encoder_from_preset(name: str, in_chans: int = 3) -> MaskedViT:
     try:
-        return create_mae(name).encoder  # MAE's initialisation of the encoder
+        return create_mae(name, in_chans=in_chans).encoder  # MAE's initialisation of the encoder
     except ValueError as e:
         raise ConfigError(f"--model: {e}") from None
 
@@ -141,7 +141,8 @@ def extract_features(encoder: MaskedViT, loader, pool: str, device, precision: s
     return torch.cat(feats).clone(), torch.cat(labels).clone()
 
 
-def features_for(encoder: MaskedViT, source, indices, cfg, env, img_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def features_for(encoder: MaskedViT, source, indices, cfg, env, img_size: int, pixels=None
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``extract_features`` over ``indices`` of ``source``, cached on disk under ``cfg.feature_cache``.
 
     The key hashes the encoder's weights, the images (names, sizes, modification times), the pooling, size and
@@ -151,14 +152,14 @@ def features_for(encoder: MaskedViT, source, indices, cfg, env, img_size: int) -
     cache_dir = Path(os.path.expanduser(cfg.feature_cache)) if cfg.feature_cache else None
     path = None
     if cache_dir is not None:
-        path = cache_dir / f"{_feature_key(encoder, source, indices, cfg.pool, img_size, cfg.precision)}.pt"
+        path = cache_dir / f"{_feature_key(encoder, source, indices, cfg.pool, img_size, cfg.precision, pixels)}.pt"
         if path.is_file():
             try:
                 cached = load_checkpoint(path)
                 return cached["features"], cached["labels"]
             except CheckpointError as e:
                 log.warning("%s; computing the features again", e)
-    feats, labels = extract_features(encoder, image_loader(source, indices, cfg, env, img_size=img_size),
+    feats, labels = extract_features(encoder, image_loader(source, indices, cfg, env, img_size=img_size, pixels=pixels),
                                      cfg.pool, env.device, cfg.precision)
     if path is not None and env.is_main:
         try:
@@ -168,12 +169,14 @@ def features_for(encoder: MaskedViT, source, indices, cfg, env, img_size: int) -
     return feats, labels
 
 
-def _feature_key(encoder, source, indices, pool, img_size, precision) -> str:
+def _feature_key(encoder, source, indices, pool, img_size, precision, pixels=None) -> str:
     h = hashlib.sha256()
     for name, t in sorted(encoder.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     h.update(json.dumps([str(source.root), pool, img_size, precision, len(indices)]).encode())
+    if pixels is not None and not pixels.is_rgb8:  # RGB keys stay as they were
+        h.update(json.dumps(pixels.to_dict()).encode())
     root = Path(source.root)
     for i in indices:
         p = root / source.names[i]
@@ -256,7 +259,8 @@ def eval_data(cfg):
 
 
 def image_loader(source, indices, cfg, env, *, recipe: str = "eval", img_size: int, batch_size: Optional[int] = None,
-                 shuffle: bool = False, drop_last: bool = False, distributed: bool = False, **transform_kwargs):
+                 shuffle: bool = False, drop_last: bool = False, distributed: bool = False, pixels=None,
+                 **transform_kwargs):
     """``mimkit.data.make_loader`` with the run's options; one process reads everything unless ``distributed``.
 
     ``shuffle=False`` yields every image once, in order (for features and validation)."""
@@ -265,7 +269,15 @@ def image_loader(source, indices, cfg, env, *, recipe: str = "eval", img_size: i
     return make_loader(source, indices, batch_size=batch_size or cfg.batch_size, recipe=recipe, img_size=img_size,
                        seed=cfg.seed, rank=rank, world_size=world,
                        num_workers=cfg.num_workers, device=env.device,
-                       cache=cfg.cache, shuffle=shuffle, drop_last=drop_last, **transform_kwargs)
+                       cache=cfg.cache, shuffle=shuffle, drop_last=drop_last, pixels=pixels, **transform_kwargs)
+
+
+def eval_pixels(cfg, encoder: MaskedViT, source, indices):
+    """How the evaluated encoder's input is made: the spec its checkpoint records (channels, value range,
+    mean/std), with --in-chans/--value-range/--mean/--std given here in its place; the files checked against it."""
+    from ..data import encoder_pixels, reuse_pixels
+    stored = encoder_pixels(encoder.arch, encoder.in_chans)
+    return reuse_pixels(stored, source, indices, cfg.in_chans, cfg.value_range, cfg.mean, cfg.std)
 
 
 def eval_img_size(cfg, encoder: MaskedViT) -> int:

@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..engine import effective_lr, fit, seed_everything, setup
 from ..precision import autocast
 from ..models import MaskedViT
-from .features import eval_data, eval_img_size, image_loader, load_eval_encoder, topk_accuracy, write_results
+from .features import eval_data, eval_pixels, eval_img_size, image_loader, load_eval_encoder, topk_accuracy, write_results
 
 log = logging.getLogger("mimkit")
 
@@ -131,6 +131,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     encoder, source_info = load_eval_encoder(cfg)
     img_size = eval_img_size(cfg, encoder)
     source, train_idx, val_idx, n_classes = eval_data(cfg)
+    pixels = eval_pixels(cfg, encoder, source, train_idx + val_idx)
 
     model = build_classifier(encoder, n_classes, global_pool=cfg.global_pool, drop_path=cfg.drop_path,
                              img_size=img_size)
@@ -144,7 +145,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     lr = effective_lr(cfg, env)
     optimizer = finetune_optimizer(model, lr, cfg.weight_decay, cfg.layer_decay)
     loader = image_loader(source, train_idx, cfg, env, recipe="finetune", img_size=img_size, shuffle=True,
-                          drop_last=True, distributed=True, auto_augment=cfg.randaug or None, re_prob=cfg.reprob)
+                          drop_last=True, distributed=True, auto_augment=cfg.randaug or None, re_prob=cfg.reprob,
+                          pixels=pixels)
     run_dir = Path(cfg.output)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +161,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     acc = {}
     if env.is_main:
-        acc = evaluate(task, image_loader(source, val_idx, cfg, env, img_size=img_size), env, cfg.precision)
+        acc = evaluate(task, image_loader(source, val_idx, cfg, env, img_size=img_size, pixels=pixels), env,
+                       cfg.precision)
     acc = _broadcast(acc, env)
     results = {"command": "finetune", **acc, "num_train": len(train_idx), "num_val": len(val_idx),
                "num_classes": n_classes, "global_pool": cfg.global_pool, "blocks": cfg.blocks,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..config import KnnConfig, save_config
 from ..engine import seed_everything, setup
-from .features import (eval_data, eval_img_size, features_for, load_eval_encoder, topk_accuracy, write_results)
+from .features import (eval_pixels, eval_data, eval_img_size, features_for, load_eval_encoder, topk_accuracy, write_results)
 
 log = logging.getLogger("mimkit")
 
@@ -49,8 +49,9 @@ def knn(cfg: KnnConfig) -> dict:
     source, train_idx, val_idx, n_classes = eval_data(cfg)
     encoder.to(env.device)
 
-    train_f, train_y = features_for(encoder, source, train_idx, cfg, env, img_size)
-    val_f, val_y = features_for(encoder, source, val_idx, cfg, env, img_size)
+    pixels = eval_pixels(cfg, encoder, source, train_idx + val_idx)
+    train_f, train_y = features_for(encoder, source, train_idx, cfg, env, img_size, pixels)
+    val_f, val_y = features_for(encoder, source, val_idx, cfg, env, img_size, pixels)
     scores = knn_scores(train_f.to(env.device), train_y, val_f.to(env.device), n_classes, cfg.k, cfg.temperature)
     acc = topk_accuracy(scores, val_y)
 

@@ -19,7 +19,7 @@ from timm.optim import Lars
 
 from ..config import LinprobeConfig, save_config
 from ..engine import effective_lr, fit, seed_everything, setup
-from .features import (FeatureLoader, eval_data, eval_img_size, features_for, freeze, load_eval_encoder,
+from .features import (eval_pixels, FeatureLoader, eval_data, eval_img_size, features_for, freeze, load_eval_encoder,
                        topk_accuracy, write_results)
 
 log = logging.getLogger("mimkit")
@@ -63,8 +63,9 @@ def linprobe(cfg: LinprobeConfig) -> dict:
     source, train_idx, val_idx, n_classes = eval_data(cfg)
 
     # every process computes all features (simple; the probe's batches are then sharded by FeatureLoader)
-    train_f, train_y = features_for(encoder, source, train_idx, cfg, env, img_size)
-    val_f, val_y = features_for(encoder, source, val_idx, cfg, env, img_size)
+    pixels = eval_pixels(cfg, encoder, source, train_idx + val_idx)
+    train_f, train_y = features_for(encoder, source, train_idx, cfg, env, img_size, pixels)
+    val_f, val_y = features_for(encoder, source, val_idx, cfg, env, img_size, pixels)
     t_feat = time.time() - t0
     loader = FeatureLoader(train_f, train_y, cfg.batch_size, seed=cfg.seed, rank=env.rank,
                            world_size=env.world_size, device=env.device)
