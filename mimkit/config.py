@@ -120,6 +120,8 @@ class PretrainConfig(RunOptions, DataOptions, OptimOptions, EngineOptions):
 @dataclass
 class EvalOptions(RunOptions, DataOptions):
     checkpoint: str = opt("", "checkpoint to evaluate (mimkit, official MAE, HF ViTMAE or timm)")
+    val_data: str = opt("", "a separate labeled validation set (folder, archive or .csv/.txt list); then all of "
+                        "--data trains and --val-fraction is unused")
     random_init: bool = opt(False, "evaluate the same encoder randomly initialised")
     model: str = opt("", "encoder preset for --random-init (default: the checkpoint's)")
     pool: str = opt("cls", "feature: class token or mean of patch tokens", ["cls", "mean"])
@@ -465,6 +467,8 @@ def check_eval(cfg):
         check_model(cfg, cfg.model)
     if cfg.train_images < 0:
         raise ConfigError(f"--train-images must be >= 0, got {cfg.train_images}")
+    if cfg.val_data:
+        check_file(cfg.val_data, "--val-data")
     check_run(cfg)
 
 

@@ -43,6 +43,12 @@ def reconstruction_panels(mae, images: torch.Tensor, mask_ratio: float = 0.75, s
     spec = PixelSpec.from_dict(mae.encoder.arch.get("pixels"), mae.encoder.in_chans)
     check_bands(bands, spec.in_chans)
     original, recon = _to_pixels(images, spec, bands), _to_pixels(recon, spec, bands)
+    if not spec.is_rgb8:  # e.g. 12-bit data in a 16-bit range: stretch for display, the 1st-99th percentile of
+        # the originals' values per shown channel to black-white, the same for every panel
+        q = torch.quantile(original.transpose(0, 1).flatten(1).float(), torch.tensor([0.01, 0.99], device=images.device), dim=1)
+        lo, hi = q[0].view(1, -1, 1, 1), q[1].view(1, -1, 1, 1)
+        span = (hi - lo).clamp_min(1e-6)
+        original, recon = ((original - lo) / span).clamp(0, 1), ((recon - lo) / span).clamp(0, 1)
     masked = original * (1 - pixel_mask) + 0.5 * pixel_mask
     pasted = original * (1 - pixel_mask) + recon * pixel_mask
     return torch.stack([original, masked, recon, pasted], dim=1)

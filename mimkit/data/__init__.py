@@ -5,11 +5,11 @@ from .loader import (ImageCache, ImageDataset, Loader, benchmark_loader, build_c
                      make_loader)
 from .pixels import (PixelSpec, channel_stats, default_spec, encoder_pixels, load_input, resolve_pixels,
                      reuse_pixels)
-from .source import IMG_EXTENSIONS, ImageSource, open_images, split_train_val
+from .source import IMG_EXTENSIONS, ImageSource, JoinedSource, ListSource, open_images, split_train_val
 from .transforms import AUGS, MEAN, RECIPES, STD, BatchAugment, build_transform
 
 __all__ = ["AUGS", "BatchAugment", "IMG_EXTENSIONS", "ImageCache", "ImageDataset",
-           "ImageSource", "Loader", "MEAN", "PixelSpec", "RECIPES", "STD", "benchmark_loader", "build_cache",
+           "ImageSource", "JoinedSource", "ListSource", "Loader", "MEAN", "PixelSpec", "RECIPES", "STD", "benchmark_loader", "build_cache",
            "build_transform", "channel_stats", "check_sample", "collate", "decode_array", "decode_image",
            "default_spec", "encoder_pixels", "load_image", "load_input", "make_loader", "open_images", "resolve_pixels", "reuse_pixels",
            "resolve_workers", "split_train_val", "to_rgb"]

@@ -139,6 +139,86 @@ class TarSource(ImageSource):
         return {**self.__dict__, "_fh": None, "_pid": None}
 
 
+class ListSource(ImageSource):
+    """Images named in a file list: ``.csv`` rows ``path[,label]`` (a first row ``path,label`` or ``path`` is a
+    header) or ``.txt`` lines ``path[ label]`` (split at the last whitespace when a label follows); relative paths
+    are relative to the list's folder. Labels are class names (sorted, as folder classes); rows without one are
+    unlabeled (-1). Listing every file is the user's choice, so any extension is taken as it is named."""
+
+    def __init__(self, path):
+        import csv
+        path = Path(path)
+        base = path.parent
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: cannot read the file list ({e})") from None
+        rows = []
+        if path.suffix.lower() == ".csv":
+            for row in csv.reader(text.splitlines()):
+                if row and row[0].strip() and not row[0].lstrip().startswith("#"):
+                    rows.append([c.strip() for c in row])
+            if rows and rows[0][0].lower() in ("path", "file", "filename", "image"):
+                rows = rows[1:]
+        else:
+            for line in text.splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    whole = Path(line) if Path(line).is_absolute() else base / line
+                    rows.append([line] if whole.exists() or not any(c.isspace() for c in line)
+                                else line.rsplit(None, 1))
+        if any(len(r) > 2 for r in rows):
+            bad = next(r for r in rows if len(r) > 2)
+            raise DataError(f"{path}: a row has {len(bad)} fields ({','.join(bad)}); expected path[,label]")
+        paths = [str(Path(r[0]) if Path(r[0]).is_absolute() else base / r[0]) for r in rows]
+        labels = [r[1] if len(r) == 2 and r[1] else None for r in rows]
+        gone = next((p for p in paths if not os.path.exists(p)), None)
+        if gone:
+            raise DataError(f"{path}: lists {gone}, which does not exist")
+        if len(set(paths)) < len(paths):
+            dup = next(p for p in paths if paths.count(p) > 1)
+            raise DataError(f"{path}: {dup} is listed more than once")
+        order = sorted(range(len(paths)), key=lambda i: paths[i])
+        self.paths = [paths[i] for i in order]
+        ImageSource.__init__(self, str(path), [])
+        self.names = [os.path.relpath(p, base).replace(os.sep, "/") for p in self.paths]
+        self.classes = sorted({labels[i] for i in order if labels[i] is not None})
+        idx = {c: k for k, c in enumerate(self.classes)}
+        self.labels = [idx[labels[i]] if labels[i] is not None else -1 for i in order]
+
+    def read_bytes(self, i):
+        fd = os.open(self.paths[i], os.O_RDONLY | os.O_NONBLOCK)  # as FolderSource: never block on a pipe
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError("not a regular file")
+            return f.read()
+
+
+class JoinedSource(ImageSource):
+    """Two labeled sources as one, for separate training and validation sets (``--data`` and ``--val-data``):
+    indices [0, len(train)) are the first, the rest the second; class names are the first's, and every class of
+    the second must be one of them."""
+
+    def __init__(self, train: ImageSource, val: ImageSource):
+        self.parts = (train, val)
+        ImageSource.__init__(self, f"{train.root} + {val.root}", [])
+        missing = sorted(set(val.classes) - set(train.classes))
+        if missing:
+            raise DataError(f"{val.root}: class {missing[0]!r} is not among the classes of {train.root} "
+                            f"({', '.join(train.classes[:5])}{', ...' if len(train.classes) > 5 else ''})")
+        self.names = [os.path.join(s.root, n) for s in self.parts for n in s.names]  # whole paths: unambiguous
+        self.classes = list(train.classes)
+        idx = {c: k for k, c in enumerate(self.classes)}
+        self.labels = list(train.labels) + [idx[val.classes[y]] if y >= 0 else -1 for y in val.labels]
+
+    def read_bytes(self, i):
+        train = self.parts[0]
+        return train.read_bytes(i) if i < len(train) else self.parts[1].read_bytes(i - len(train))
+
+    def __getstate__(self):
+        return self.__dict__
+
+
 def _strip_dot(name):
     while name.startswith("./"):
         name = name[2:]
@@ -146,9 +226,11 @@ def _strip_dot(name):
 
 
 def open_images(path) -> ImageSource:
-    """A folder of images (recursive), a .tar/.tar.gz/.tgz of one, or ``'builtin'`` (the embedded CIFAR-10 sample).
+    """A folder of images (recursive), a .tar/.tar.gz/.tgz of one, a .csv/.txt file list (:class:`ListSource`),
+    or ``'builtin'`` (the embedded CIFAR-10 sample).
 
-    Labels come from first-level folder names (sorted); images in the root are -1 (unlabeled).
+    Labels come from first-level folder names (sorted), or a list's label column; images in the root are -1
+    (unlabeled).
     """
     if str(path) in BUILTIN:
         path = SAMPLE_DIR
@@ -159,10 +241,12 @@ def open_images(path) -> ImageSource:
         src = FolderSource(p)
     elif p.name.lower().endswith((".tar", ".tar.gz", ".tgz")):
         src = TarSource(p)
+    elif p.suffix.lower() in (".csv", ".txt"):
+        src = ListSource(p)
     elif _is_image(p.name):  # one file, e.g. `mimkit reconstruct --images photo.jpg`
         src = FileSource(p)
     else:
-        raise DataError(f"{path}: not a folder or a .tar/.tar.gz/.tgz archive of images")
+        raise DataError(f"{path}: not a folder, a .tar/.tar.gz/.tgz archive of images or a .csv/.txt file list")
     if not len(src):
         raise DataError(f"{path}: no images found (looked recursively for {' '.join(IMG_EXTENSIONS)}, any case)")
     return src

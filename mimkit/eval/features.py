@@ -234,20 +234,31 @@ class FeatureLoader:
 
 # data -----------------------------------------------------------------------------------------------------
 def eval_data(cfg):
-    """(source, train indices, validation indices, number of classes) for ``cfg.data``; unlabeled images
-    (outside any class folder) are left out, as they cannot be scored."""
-    from ..data import open_images, split_train_val
+    """(source, train indices, validation indices, number of classes) for ``cfg.data``, split by
+    ``--val-fraction``, or with ``--val-data`` all of it for training and that set for validation (one joined
+    source); unlabeled images (outside any class folder) are left out, as they cannot be scored."""
+    from ..data import JoinedSource, open_images, split_train_val
     from ..errors import DataError
     source = open_images(cfg.data)
     if not source.classes:
         raise DataError(f"{cfg.data}: no class folders, so no labels to evaluate against (put images in "
-                        f"one sub-folder per class)")
-    train_idx, val_idx = split_train_val(source, cfg.val_fraction)
+                        f"one sub-folder per class, or give a .csv list with labels)")
+    if cfg.val_data:
+        val = open_images(cfg.val_data)
+        if not val.classes:
+            raise DataError(f"{cfg.val_data}: no class folders or labels in the validation set")
+        n_train = len(source)
+        source = JoinedSource(source, val)
+        train_idx, val_idx = list(range(n_train)), list(range(n_train, len(source)))
+    else:
+        train_idx, val_idx = split_train_val(source, cfg.val_fraction)
     unlabeled = sum(source.labels[i] < 0 for i in train_idx + val_idx)
     if unlabeled:
         log.warning("%s: %d images outside class folders are left out of the evaluation", cfg.data, unlabeled)
         train_idx = [i for i in train_idx if source.labels[i] >= 0]
         val_idx = [i for i in val_idx if source.labels[i] >= 0]
+    if len(val_idx) == 0 and cfg.val_data:
+        raise DataError(f"{cfg.val_data}: no labeled validation images")
     if len(val_idx) == 0:
         raise ConfigError(f"no validation images: --val-fraction {cfg.val_fraction} holds out nothing of {cfg.data}")
     if 0 < cfg.train_images < len(train_idx):  # evenly spaced over the sorted list: every class keeps its share
