@@ -119,7 +119,7 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and Bi
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def decode_array(data: bytes, name: str = "<bytes>") -> np.ndarray:
+def decode_array(data: bytes, name: str = "<bytes>", finite: bool = True) -> np.ndarray:
     """Decode ``data`` to an (H, W, C) array of the file's own dtype, nothing rescaled or dropped.
 
     TIFF (tifffile): every band of the first series, samples or planes as channels; a multi-page file whose
@@ -127,6 +127,7 @@ def decode_array(data: bytes, name: str = "<bytes>") -> np.ndarray:
     array): (H, W) or (H, W, C), any numeric dtype, NaN/inf refused. 16-bit PNG: torchvision's decoder (PIL
     reads 16-bit RGB as 8-bit). Everything else through :func:`decode_image`'s rules, except that a grey image
     stays one channel (L, or 16/32-bit I;16 / I / F at full precision). Alpha is composited on black, as there.
+    ``finite=False`` leaves the NaN/inf check to the caller.
     """
     if not data:
         raise BadImage(name, "empty file (0 bytes)")
@@ -151,9 +152,14 @@ def decode_array(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise BadImage(name, f"expected an (H, W) or (H, W, C) image, got shape {arr.shape}")
     if arr.dtype.kind not in "uif":
         raise BadImage(name, f"dtype {arr.dtype} is not numeric")
+    if finite:
+        check_finite(arr, name)
+    return arr
+
+
+def check_finite(arr: np.ndarray, name: str):
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise BadImage(name, f"holds {int((~np.isfinite(arr)).sum())} NaN or infinite values")
-    return arr
 
 
 def _tiff(data: bytes) -> np.ndarray:

@@ -20,7 +20,7 @@ import torch
 
 from ..config import check_pixel_options, parse_floats
 from ..errors import BadImage, ConfigError, DataError
-from .decode import decode_array, read_bytes
+from .decode import check_finite, decode_array, read_bytes
 from .transforms import MEAN, STD
 
 log = logging.getLogger("mimkit")
@@ -104,7 +104,7 @@ def to_input(arr: np.ndarray, spec: PixelSpec, name: str) -> torch.Tensor:
     if spec.dtype == "uint8":
         if arr.dtype != np.uint8:
             raise BadImage(name, f"is {arr.dtype}, the run reads 8-bit files")
-        return torch.from_numpy(np.ascontiguousarray(match_channels(arr, spec.in_chans, name).transpose(2, 0, 1)))
+        return torch.from_numpy(np.array(match_channels(arr, spec.in_chans, name).transpose(2, 0, 1)))  # a copy: PIL arrays are read-only
     if spec.low is None:
         lo, hi = dtype_range(arr.dtype)
         if arr.dtype.kind == "f" and (arr.min() < 0 or arr.max() > 1):
@@ -130,13 +130,19 @@ def _evenly(indices, n: int) -> List[int]:
 
 
 def _probe(source, indices, n: int):
-    """[(index, array)] of ``n`` evenly spaced files that decode (the others are reported by the loader)."""
+    """[(index, array)] of ``n`` evenly spaced files that decode (the others are reported by the loader); a file
+    that decodes to NaN or infinite values is a DataError naming it."""
     out = []
     for i in _evenly(indices, n):
         try:
-            out.append((i, decode_array(read_bytes(source, i), source.names[i])))
+            a = decode_array(read_bytes(source, i), source.names[i], finite=False)
         except BadImage:
             continue
+        try:
+            check_finite(a, source.names[i])
+        except BadImage as e:
+            raise DataError(f"{_path(source, i)}: {e.reason}") from None
+        out.append((i, a))
     return out
 
 
