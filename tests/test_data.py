@@ -129,9 +129,9 @@ def test_big_gz_refused(labeled, tmp_path, monkeypatch):
 def test_path_errors_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("x")
-    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "file.dat").write_text("x")
     for path, what in [(tmp_path / "missing", "no such"), (tmp_path / "empty", ".jpg"),
-                       (tmp_path / "file.txt", "not a folder")]:
+                       (tmp_path / "file.dat", "not a folder")]:
         with pytest.raises(DataError, match=what) as e:
             D.open_images(path)
         assert str(path) in str(e.value) and "\n" not in str(e.value)
