@@ -150,3 +150,12 @@ class MaskedViT(VisionTransformer):
         if pool == "all":
             return x
         raise ValueError(f"pool must be one of cls, mean, all; got {pool!r}")
+
+
+def adapt_patch_projection(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A patch projection (D, C, p, p) trained on C channels (RGB) for ``in_chans`` inputs, by timm's own rule for
+    its pretrained first convolutions (``timm.models.adapt_input_conv``): one channel takes the sum over R, G, B
+    (a grey image then gets the response the same grey as RGB had), more channels repeat R, G, B cyclically and
+    scale by 3 / in_chans (so the expected activation stays the same)."""
+    from timm.models import adapt_input_conv
+    return adapt_input_conv(in_chans, weight, base_chans=weight.shape[1])
