@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models import normalize_patches, patchify
-from ..models.pixels import from_unit, to_unit
+from ..models.pixels import to_unit
 
 __all__ = ["pixel_target", "quantize", "mean_colour_classes", "mosaic_classes", "PCATarget"]
 
