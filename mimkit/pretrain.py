@@ -9,19 +9,23 @@ from .config import PretrainConfig, save_config
 from .errors import ConfigError
 from .data import PixelSpec, check_sample, make_loader, open_images, resolve_pixels, split_train_val
 from .engine import TrainResult, effective_lr, fit, seed_everything, setup
-from .objectives import build_objective
+from .objectives import check_objective, get_objective
 
 log = logging.getLogger("mimkit")
 
 
 def pretrain(cfg: PretrainConfig) -> TrainResult:
     """Pretrain on ``cfg.data`` (its training split only) and write everything to ``cfg.output``."""
+    options = check_objective(cfg)  # the objective's name and options, before any work starts
     env = setup(cfg)
     seed_everything(cfg.seed)
     source = open_images(cfg.data)
     train_idx, val_idx = split_train_val(source, cfg.val_fraction)
     pixels = _resolve_pixels(cfg, source, train_idx)
-    objective = build_objective(cfg)
+    objective = get_objective(cfg.objective).from_config(cfg, options)
+    if getattr(objective, "mask_ratio", None) is not None:
+        # the config a run records names the ratio it trained at (None on the command line: the paper's)
+        cfg.mask_ratio = float(objective.mask_ratio)
     encoder = objective.encoder
     img_size, patch = encoder.arch["img_size"], encoder.arch["patch_size"]
     if img_size % patch:
@@ -62,9 +66,6 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     return result
 
 
-RGB_ONLY = ("beit", "igpt")  # a tokenizer / colour palette trained on RGB pixels
-
-
 def _resolve_pixels(cfg, source, train_idx) -> PixelSpec:
     """The run's input spec: ``cfg.pixels`` when given (a rerun of a config.yaml), else resolved from the options
     and the training images; recorded in ``cfg.pixels`` (so in config.yaml, the checkpoints' config and, through
@@ -76,9 +77,10 @@ def _resolve_pixels(cfg, source, train_idx) -> PixelSpec:
             raise ConfigError(f"--pixels: not a pixel spec ({e}); leave it empty to resolve it from the data") from None
     else:
         spec = resolve_pixels(source, train_idx, cfg.in_chans, cfg.value_range, cfg.mean, cfg.std)
-    if spec.in_chans != 3 and cfg.objective in RGB_ONLY:
-        raise ConfigError(f"--objective {cfg.objective} works on RGB images only (its tokenizer / colour palette); "
-                          f"the data has {spec.in_chans} channel(s): use mae, simmim or vit_mpp")
+    rgb_only = getattr(get_objective(cfg.objective), "rgb_only", None)
+    if spec.in_chans != 3 and rgb_only:
+        raise ConfigError(f"--objective {cfg.objective} works on RGB images only ({rgb_only}); the data has "
+                          f"{spec.in_chans} channel(s): use mae, simmim or vit_mpp")
     if spec != PixelSpec():
         cfg.pixels = spec.to_dict()
         log.info("input: %s", spec.describe())

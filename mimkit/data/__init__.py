@@ -1,7 +1,8 @@
 """Images in, normalised batches out: sources (folder, tar, built-in sample), robust decoding, the MAE
 augmentation recipes, and a deterministic, resumable, DDP-shardable loader with an in-memory fast path."""
 from .decode import decode_array, decode_image, load_image, to_rgb
-from .loader import (ImageCache, ImageDataset, Loader, benchmark_loader, build_cache, check_sample, collate, resolve_workers,
+from .loader import (ImageCache, ImageDataset, Loader, benchmark_loader, build_cache, check_sample, collate, fit_images,
+                     resolve_workers,
                      make_loader)
 from .pixels import (PixelSpec, channel_stats, default_spec, encoder_pixels, load_input, resolve_pixels,
                      reuse_pixels)
@@ -9,7 +10,8 @@ from .source import IMG_EXTENSIONS, ImageSource, JoinedSource, ListSource, open_
 from .transforms import AUGS, MEAN, RECIPES, STD, BatchAugment, build_transform
 
 __all__ = ["AUGS", "BatchAugment", "IMG_EXTENSIONS", "ImageCache", "ImageDataset",
-           "ImageSource", "JoinedSource", "ListSource", "Loader", "MEAN", "PixelSpec", "RECIPES", "STD", "benchmark_loader", "build_cache",
-           "build_transform", "channel_stats", "check_sample", "collate", "decode_array", "decode_image",
-           "default_spec", "encoder_pixels", "load_image", "load_input", "make_loader", "open_images", "resolve_pixels", "reuse_pixels",
-           "resolve_workers", "split_train_val", "to_rgb"]
+           "ImageSource", "JoinedSource", "ListSource", "Loader", "MEAN", "PixelSpec", "RECIPES", "STD",
+           "benchmark_loader", "build_cache", "build_transform", "channel_stats", "check_sample", "collate",
+           "decode_array", "decode_image", "default_spec", "encoder_pixels", "fit_images", "load_image", "load_input",
+           "make_loader", "open_images", "resolve_pixels", "resolve_workers", "reuse_pixels", "split_train_val",
+           "to_rgb"]
