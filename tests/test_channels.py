@@ -143,7 +143,7 @@ def test_bad_inputs_are_one_line_errors_naming_the_file_or_option(tmp_path):
     mixed = folder(tmp_path / "mixed", 4, n=4)
     tifffile.imwrite(mixed / "a" / "odd.tif", np.zeros((13, 32, 32), np.uint16))  # 13 planes
     src = open_images(mixed)
-    with pytest.raises(DataError, match=r"odd\.tif: has 13 channel"):
+    with pytest.raises(DataError, match=r"odd\.tif: has 13 channel\(s\) but .*00\.tif has 4; one run takes one"):
         resolve_pixels(src, range(len(src)))
     with pytest.raises(DataError, match=r"odd\.tif.*13 channel\(s\), the run takes 4"):
         resolve_pixels(src, range(len(src)), in_chans=4)
