@@ -243,13 +243,14 @@ def write_results(run_dir, command: str, results: dict) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "results.json"
-    write_text(path, json.dumps(results, indent=2, default=_jsonable) + "\n")
+    write_text(path, json.dumps(results, indent=2, default=_json_default) + "\n")
     print(f"{command}: top1 {results['top1']:.2f}%  top5 {results['top5']:.2f}%  "
           f"({results.get('num_val', '?')} validation images; {path})", flush=True)
     return path
 
 
-def _jsonable(v):
+def _json_default(v):
+    """json.dumps' fallback for the values results hold: paths, devices, tensors, NaN (as null)."""
     if isinstance(v, (Path, torch.device)):
         return str(v)
     if torch.is_tensor(v):

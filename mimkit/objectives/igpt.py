@@ -152,11 +152,11 @@ class IGPTObjective(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> "IGPTObjective":
-        from ..models.presets import _resolve
+        from ..models.presets import encoder_preset
         args = check_args(cls.name, cfg.objective_args, DEFAULTS)
         check_choice(cls.name, "mode", args["mode"], ("ar", "bert"))
         try:
-            preset = _resolve(cfg.model)
+            preset = encoder_preset(cfg.model)
         except ValueError as e:
             raise ConfigError(f"--model: {e}") from None
         img_size = cfg.img_size or preset["img_size"]
