@@ -298,8 +298,11 @@ def machine_info(device: torch.device) -> dict:
             info[pkg] = __import__(pkg).__version__
         except Exception:  # noqa: BLE001 - an absent or broken peer is reported, not fatal
             info[pkg] = None
-    from .. import __version__
-    info["mimkit"] = __version__
+    from importlib.metadata import PackageNotFoundError, version
+    try:  # the installed distribution's version: importing the package root from here would be an upward import
+        info["mimkit"] = version("mimkit")
+    except PackageNotFoundError:
+        info["mimkit"] = None
     return info
 
 
