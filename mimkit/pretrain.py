@@ -14,6 +14,13 @@ from .objectives import check_objective, get_objective
 log = logging.getLogger("mimkit")
 
 
+
+def pretrain_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """MAE's AdamW (betas 0.9, 0.95) with timm's parameter groups (no decay on norms, biases, tokens, position
+    embeddings); fused: one kernel over all parameters, 3-4x faster than the per-tensor loop on the CPU
+    (`mimkit bench`)."""
+    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=True)
+
 def pretrain(cfg: PretrainConfig) -> TrainResult:
     """Pretrain on ``cfg.data`` (its training split only) and write everything to ``cfg.output``."""
     options = check_objective(cfg)  # the objective's name and options, before any work starts
@@ -42,9 +49,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
         encoder.set_grad_checkpointing(True)
 
     lr = effective_lr(cfg, env)
-    # fused: one kernel over all parameters, 3-4x faster than the per-tensor loop on the CPU (`mimkit bench`)
-    optimizer = create_optimizer_v2(objective, "adamw", lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
-                                    fused=True)
+    optimizer = pretrain_optimizer(objective, lr, cfg.weight_decay)
     run_dir = Path(cfg.output)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import VisionTransformer
 
-from mimkit.bench import mimkit_optimizer
+from mimkit.pretrain import pretrain_optimizer
 from mimkit.masking import random_masking
 from mimkit.models import create_mae
 from mimkit.models.vit import Attention
@@ -158,9 +158,9 @@ def test_grad_checkpointing_gives_the_same_gradients_and_covers_the_decoder():
     assert not ckpt.encoder.grad_checkpointing
 
 
-def test_mimkit_optimizer_is_fused_adamw_with_timms_groups():
+def test_pretrain_optimizer_is_fused_adamw_with_timms_groups():
     model = _model()
-    opt = mimkit_optimizer(model)
+    opt = pretrain_optimizer(model, 1.5e-4, 0.05)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
     decay = {g["weight_decay"] for g in opt.param_groups}
     assert decay == {0.0, 0.05}

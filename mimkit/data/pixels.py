@@ -21,7 +21,7 @@ import torch
 from ..config import check_pixel_options, parse_floats
 from ..errors import BadImage, ConfigError, DataError
 from .decode import check_finite, decode_array, read_bytes
-from .transforms import MEAN, STD
+from .stats import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD
 
 log = logging.getLogger("mimkit")
 PROBE_IMAGES = 64  # files whose channel count and dtype are checked before any work starts
