@@ -261,3 +261,81 @@ def test_separate_validation_set_and_file_lists(tmp_path):
     with pytest.raises(DataError, match="class 'c' is not among the classes"):
         knn(load_config(KnnConfig, overrides=dict(common, checkpoint=str(run), data=str(train),
                                                   val_data=str(tmp_path / "val2"), output=str(tmp_path / "k2"))))
+
+
+# exports and RGB weights ------------------------------------------------------------------------------------------
+def randomized_mae(channels, seed=0):
+    from mimkit.models import create_mae
+    torch.manual_seed(seed)
+    pixels = dict(in_chans=channels, dtype="float", low=None, high=None, mean=[0.3] * channels,
+                  std=[0.2 + 0.01 * c for c in range(channels)])
+    mae = create_mae(MICRO, depth=2, decoder_dim=64, decoder_depth=1, decoder_heads=4, in_chans=channels,
+                     pixels=pixels)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in mae.named_parameters():
+            if not name.endswith("pos_embed"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return mae.eval()
+
+
+@pytest.mark.parametrize("channels", [1, 4, 13])
+def test_exports_of_any_channel_count_load_back_equal(tmp_path, channels):
+    """Hugging Face (num_channels, the data's image_mean/std) and timm (in_chans, pretrained_cfg mean/std) exports
+    compute what the mimkit model computes (to 1e-5, as the RGB equivalence tests), and read back into mimkit with
+    the same arch, pixel spec included. Writing num_channels 3, or ImageNet's statistics, fails this."""
+    transformers = pytest.importorskip("transformers")
+    import timm
+    from mimkit.checkpoints import export, load_encoder, load_mae
+    mae = randomized_mae(channels)
+    g = torch.Generator().manual_seed(1)
+    x, noise = torch.randn(2, channels, 32, 32, generator=g), torch.rand(2, 64, generator=g)
+    out = export(mae, "hf", tmp_path / "hf")
+    cfg = json.loads((out / "config.json").read_text())
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    assert cfg["num_channels"] == channels and pre["image_mean"] == mae.encoder.arch["pixels"]["mean"]
+    hf = transformers.ViTMAEForPreTraining.from_pretrained(out).eval()
+    with torch.no_grad():
+        a, b = mae(x, noise=noise), hf(pixel_values=x, noise=noise)
+    assert (a.pred - b.logits).abs().max().item() <= 1e-5 and abs(a.loss.item() - b.loss.item()) <= 1e-5
+    back, _ = load_mae(out)
+    assert back.arch == mae.arch
+    with torch.no_grad():
+        assert (back(x, noise=noise).pred - a.pred).abs().max().item() <= 1e-5
+    folder = export(mae, "timm", tmp_path / "timm")
+    tcfg = json.loads((folder / "config.json").read_text())
+    assert tcfg["model_args"]["in_chans"] == channels and tcfg["pretrained_cfg"]["input_size"][0] == channels
+    assert tcfg["pretrained_cfg"]["std"] == mae.encoder.arch["pixels"]["std"]
+    t = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    with torch.no_grad():
+        assert (t.forward_features(x) - mae.encoder.forward_features(x)).abs().max().item() <= 1e-5
+    enc = load_encoder(folder)
+    assert enc.arch == mae.encoder.arch
+
+
+def test_rgb_weights_start_a_4_channel_model(tmp_path, caplog):
+    """RGB weights (an official-layout MAE file) start a 4-channel MAE: the patch projection is timm's
+    adapt_input_conv of the RGB one (R, G, B, R scaled by 3/4), every other encoder tensor is copied, the RGB
+    decoder pixel head stays fresh, and the log says so; for one channel the projection is the sum over R, G, B.
+    Loading the RGB projection truncated or unscaled fails this; so does refusing the load."""
+    import logging
+    from mimkit.checkpoints import export, load_encoder, load_mae
+    from mimkit.models import MaskedViT, create_mae
+    rgb = randomized_mae(3)
+    path = export(rgb, "mae", tmp_path / "rgb.pth")
+    four = create_mae(MICRO, depth=2, decoder_dim=64, decoder_depth=1, decoder_heads=4, in_chans=4)
+    fresh_pred = four.decoder_pred.weight.detach().clone()
+    with caplog.at_level(logging.INFO, logger="mimkit"):
+        load_mae(path, model=four)
+    w = rgb.encoder.patch_embed.proj.weight.detach()
+    assert torch.allclose(four.encoder.patch_embed.proj.weight, torch.cat([w, w[:, :1]], 1) * 0.75)
+    assert torch.equal(four.encoder.blocks[1].attn.qkv.weight, rgb.encoder.blocks[1].attn.qkv.weight)
+    assert torch.equal(four.decoder_pred.weight, fresh_pred)
+    assert "adapted to 4 channel(s)" in caplog.text and "freshly initialised" in caplog.text
+    one = MaskedViT(**{k: v for k, v in dict(rgb.encoder.arch, in_chans=1).items() if k != "pixels"})
+    load_encoder(path, model=one)
+    assert torch.allclose(one.patch_embed.proj.weight, w.sum(1, keepdim=True))
+    two = randomized_mae(2)  # 2-channel weights adapt to nothing
+    with pytest.raises(Exception, match="only RGB \\(3-channel\\) weights adapt"):
+        load_mae(export(two, "mae", tmp_path / "two.pth"), model=create_mae(MICRO, depth=2, decoder_dim=64,
+                                                                           decoder_depth=1, decoder_heads=4, in_chans=4))
