@@ -16,7 +16,7 @@ import random
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -226,17 +226,15 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
     resumed = _resume(task, optimizer, scaler, pos, run_dir, cfg, env)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     schedule = _schedule(optimizer, cfg, pos.total_steps, min(warmup, pos.total_steps // 2))  # as a resized run does
-    metrics, progress = Metrics(run_dir, env), Progress(pos.total_steps, pos.step, env.is_main, cfg.log_every)
-    t_start = time.time()
-    speed = Throughput(t_start)
-    clock = TimeLimit(cfg.time_limit, pos.total_steps, t_start, resizes=not resumed, env=env)
+    report = Report(run_dir, pos, cfg, env)
+    clock = TimeLimit(cfg.time_limit, pos.total_steps, report.t_start, resizes=not resumed, env=env)
     window = Accumulation(task, model, forward, optimizer, scaler, cfg, env)
     guard = NonFiniteGuard(cfg.max_bad_steps, pos, run_dir, env)
     save = CheckpointWriter(task, optimizer, scaler, pos, cfg, run_dir, env, extra_state)
     last_loss = float("nan")
 
     task.train()
-    with StopRequest(getattr(cfg, "sigterm_grace", 60.0)) as stop, _closing(metrics, progress):
+    with StopRequest(getattr(cfg, "sigterm_grace", 60.0)) as stop, report:
         while pos.step < pos.total_steps:
             loader.set_epoch(pos.epoch, start_batch=pos.batch_in_epoch)
             window.reset()
@@ -246,16 +244,14 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
                 micro = i % cfg.accum_steps
                 sync = micro == cfg.accum_steps - 1  # the window's last micro-batch: gradients averaged, one update
                 if micro == 0:
-                    schedule.step_update(pos.step)
-                    lr_now = optimizer.param_groups[0]["lr"]  # the step's lr (before any re-sizing below)
-                    torch.manual_seed((cfg.seed * 7919 + pos.step * 104729 + env.rank) % 2**63)  # dropout, drop path
+                    lr_now = _start_step(schedule, optimizer, pos.step, cfg.seed, env)
                 loss = window.forward(images, labels, StepRandom(cfg.seed, pos.step, micro, env), sync)
                 not_finite, stop_now, time_up = _agree(loss, sync and stop.requested, sync and clock.up(), env)
                 window.backward(loss, not_finite)
                 if not sync:
                     continue
                 pos.batch_in_epoch = i + 1
-                speed.add(images.shape[0] * cfg.accum_steps * env.world_size)
+                report.speed.add(images.shape[0] * cfg.accum_steps * env.world_size)
                 loss_now = window.update()  # one optimizer step, or None: skipped for a non-finite loss
                 guard.check(loss_now)
                 last_loss = last_loss if loss_now is None else loss_now
@@ -265,12 +261,8 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
                 if clock.due(pos.step, pos.total_steps, epoch_end=i + 1 == batches):
                     pos.total_steps = clock.size(pos.step, now)
                     schedule = _schedule(optimizer, cfg, pos.total_steps, min(warmup, pos.total_steps // 2))
-                    progress.set_total(pos.total_steps)
-                progress.update(pos.step, last_loss, speed.per_s(now),
-                                (pos.total_steps - pos.step) * (now - t_start) / max(pos.step, 1))
-                if pos.step % cfg.log_every == 0 or pos.step == pos.total_steps:
-                    metrics.write(pos.step, loss=last_loss, lr=lr_now, images_per_s=speed.per_s(now), epoch=pos.epoch)
-                    speed.restart(now)
+                    report.progress.set_total(pos.total_steps)
+                report.step(pos, last_loss, lr_now, now)
                 if stop_now or (stop.requested and not env.distributed):
                     save()
                     raise Preempted(f"stopped by SIGTERM at step {pos.step}; the checkpoint is saved, "
@@ -278,23 +270,21 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
                 epoch_ends = i + 1 >= batches or pos.step >= pos.total_steps
                 if cfg.save_every and pos.step % cfg.save_every == 0 and not epoch_ends:
                     save()
-                if time_up and pos.step < pos.total_steps:
-                    if env.is_main:  # the estimate from the first steps was too hopeful (a busier machine)
-                        log.warning("--time-limit reached at step %d of %d: stopping early", pos.step, pos.total_steps)
-                    pos.total_steps = pos.step
+                if time_up:
+                    pos.total_steps = clock.stop_at(pos.step, pos.total_steps)
                 if pos.step >= pos.total_steps:
                     break
             # the epoch is over: its batches are done, the run is, or the loader ran out early (a batch of only
             # unreadable files yields nothing); never start the same epoch again, which could loop forever
             if pos.batch_in_epoch < batches and pos.step < pos.total_steps and env.is_main:
                 log.warning("epoch %d ended after %d of %d batches", pos.epoch, pos.batch_in_epoch, batches)
-            metrics.write(pos.step, epoch_time_s=time.time() - t_start, epoch=pos.epoch)
+            report.epoch(pos)
             epoch_done = pos.epoch
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
             save()
             if on_epoch_end is not None and env.is_main:
                 on_epoch_end(epoch_done, pos.step)
-    return TrainResult(pos.step, pos.epoch, last_loss, pos.bad_steps, time.time() - t_start,
+    return TrainResult(pos.step, pos.epoch, last_loss, pos.bad_steps, time.time() - report.t_start,
                        dict(getattr(loader, "skipped", {})))
 
 
@@ -423,6 +413,43 @@ class NonFiniteGuard:
                                 f"stopped, the last good checkpoint is kept in {self.run_dir / 'checkpoints'}")
 
 
+def _start_step(schedule, optimizer, step: int, seed: int, env: Env) -> float:
+    """The step's learning rate (before any re-sizing later in the step), and its seed for dropout and drop path."""
+    schedule.step_update(step)
+    torch.manual_seed((seed * 7919 + step * 104729 + env.rank) % 2**63)
+    return optimizer.param_groups[0]["lr"]
+
+
+class Report:
+    """Progress (tqdm or log lines), metrics lines every ``--log-every`` steps and at the end, the speed between
+    them; closed when the loop leaves, however it leaves."""
+
+    def __init__(self, run_dir: Path, pos: Position, cfg, env: Env):
+        self.metrics = Metrics(run_dir, env)
+        self.progress = Progress(pos.total_steps, pos.step, env.is_main, cfg.log_every)
+        self.log_every = cfg.log_every
+        self.t_start = time.time()
+        self.speed = Throughput(self.t_start)
+
+    def step(self, pos: Position, loss: float, lr: float, now: float):
+        ips = self.speed.per_s(now)
+        eta_s = (pos.total_steps - pos.step) * (now - self.t_start) / max(pos.step, 1)
+        self.progress.update(pos.step, loss, ips, eta_s)
+        if pos.step % self.log_every == 0 or pos.step == pos.total_steps:
+            self.metrics.write(pos.step, loss=loss, lr=lr, images_per_s=ips, epoch=pos.epoch)
+            self.speed.restart(now)
+
+    def epoch(self, pos: Position):
+        self.metrics.write(pos.step, epoch_time_s=time.time() - self.t_start, epoch=pos.epoch)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.close()
+        self.metrics.close()
+
+
 class Throughput:
     """Images per second since the last metrics line."""
 
@@ -454,6 +481,12 @@ class TimeLimit:
 
     def up(self) -> bool:
         return self.minutes > 0 and time.time() - self.t_start > self.minutes * 60
+
+    def stop_at(self, step: int, total: int) -> int:
+        """The total once time is up: this step."""
+        if step < total and self.env.is_main:  # the estimate from the first steps was too hopeful (a busier machine)
+            log.warning("--time-limit reached at step %d of %d: stopping early", step, total)
+        return min(step, total)
 
     def due(self, step: int, total: int, epoch_end: bool) -> bool:
         return self.resizes and step < total and (step in self.SIZE_AT or step % 100 == 0 or epoch_end)
@@ -500,15 +533,6 @@ class CheckpointWriter:
             prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         if self.env.distributed:
             dist.barrier()
-
-
-@contextmanager
-def _closing(metrics: Metrics, progress: Progress):
-    try:
-        yield
-    finally:
-        progress.close()
-        metrics.close()
 
 
 def _schedule(optimizer, cfg, total_steps: int, warmup: int):
