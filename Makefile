@@ -10,7 +10,7 @@ install:
 
 # The demo's score is the held-out reconstruction error against the flat-patch reference, with its standard error
 # over the 100 held-out images. No k-NN here: on 100 images its standard error is ~4.5 points, more than two minutes
-# of pretraining move it (the CIFAR-10 recipe in the README measures it on 10,000).
+# of pretraining move it (the CIFAR-10 results in the README measure it on 5,000).
 demo: install
 	$(PYTHON) -m mimkit.cli pretrain --config configs/demo.yaml --output $(DEMO)
 	$(PYTHON) -m mimkit.cli reconstruct --checkpoint $(DEMO) --images builtin --val-fraction 0.1 --output $(DEMO)/figures
