@@ -67,8 +67,9 @@ def test_the_pretraining_figure_shows_every_class(two_classes):
     (["--val-fraction", "0.2", "--images", "ONE"], "--val-fraction 0.2 holds out no image"),
 ])
 def test_reconstruct_user_errors_are_one_line(two_classes, tmp_path, args, says):
-    """A ValueError (the old --val-fraction check) or a ZeroDivisionError (--num-images 0) is a traceback: exit 1,
-    many lines; a user's mistake is one line and exit 2."""
+    """A user's mistake is one line naming the option, exit 2. The old ValueError for --val-fraction was a traceback
+    (exit 1, many lines); without the --num-images check the run gets as far as the loader, whose error names the
+    image folder instead of the option."""
     root, run = two_classes
     args = [str(root / "a" / "a00.png") if a == "ONE" else a for a in args]
     proc = mimkit_cli("reconstruct", "--checkpoint", run, "--output", tmp_path / "out", *args)
