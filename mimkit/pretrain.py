@@ -7,7 +7,8 @@ from timm.optim import create_optimizer_v2
 
 from .config import PretrainConfig, save_config
 from .errors import ConfigError
-from .data import PixelSpec, check_sample, make_loader, open_images, resolve_pixels, split_train_val
+from .data import (PixelSpec, check_sample, make_loader, open_images, resolve_pixels, split_train_val,
+                   spread_over_classes)
 from .engine import TrainResult, effective_lr, fit, seed_everything, setup
 from .objectives import check_objective, get_objective
 
@@ -104,7 +105,8 @@ def _init_from(objective, path: str):
 
 
 def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env, pixels):
-    """Reconstruction figures of a few fixed held-out images at every ``figure_every`` epochs and at the end."""
+    """Reconstruction figures of eight fixed held-out images (spread over the classes, seeded) at every
+    ``figure_every`` epochs and at the end."""
     if not hasattr(objective, "model") or not hasattr(objective.model, "reconstruct"):
         return None
     if not getattr(objective, "pixel_output", True):  # an MAE ablation that predicts PCA coefficients or tokens
@@ -117,8 +119,8 @@ def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env, pi
         if not (final or (cfg.figure_every and (epoch + 1) % cfg.figure_every == 0)):
             return
         if images is None:
-            picks = _good_images(source, list(indices)[::max(1, len(indices) // 8)] + list(indices), 8,
-                                 objective.encoder.patch_size, pixels)
+            picks = _good_images(source, spread_over_classes(source, indices, cfg.seed), 8, objective.encoder.patch_size,
+                                 pixels)
             loader = make_loader(source, picks, batch_size=len(picks), recipe="eval", img_size=img_size, shuffle=False,
                                  num_workers=0, cache="off", device=env.device, pixels=pixels)
             images = next(iter(loader))[0]
@@ -133,12 +135,12 @@ def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env, pi
 
 
 def _good_images(source, candidates, n: int, min_size: int, pixels: PixelSpec):
-    """The first ``n`` distinct candidates that decode and are large enough, found quietly: the training loader
+    """The first ``n`` candidates that decode and are large enough, found quietly: the training loader
     names each bad file once, and a figure must not name them again."""
     from .data import load_image, load_input
     from .errors import BadImage
     picks = []
-    for i in dict.fromkeys(candidates):
+    for i in candidates:
         try:
             size = load_image(source, i).size if pixels.is_rgb8 else load_input(source, i, pixels).shape[1:]
             if min(size) >= min_size:

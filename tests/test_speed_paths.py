@@ -194,12 +194,15 @@ def test_compiles_with_dynamic_shapes():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_forward_has_no_per_sample_python_loop(precision):
-    """Masking, gathers and loss are batched ops: a 4x larger batch runs exactly the same ops."""
+    """Masking, gathers and loss are batched ops: a 4x larger batch runs exactly the same ops. Only the ops our code
+    calls are counted (an aten op inside another aten op is torch's own work: on CPUs without native bf16, torch's
+    bf16 batched matmul loops over the batch internally). A Python loop over samples in the model fails this."""
     model = _model()
     from torch.profiler import profile
     counts = []
     for b in (2, 8):
         with profile() as prof, torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             model(_batch(b))
-        counts.append(len([e for e in prof.events() if e.name.startswith("aten::")]))
+        counts.append(len([e for e in prof.events() if e.name.startswith("aten::")
+                           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]))
     assert counts[0] == counts[1]
