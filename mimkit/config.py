@@ -270,6 +270,9 @@ class TokenizerConfig(RunOptions, DataOptions, OptimOptions, EngineOptions):
 
     def validate(self):
         check_common(self)
+        if self.in_chans not in (0, 3) or self.value_range or self.mean or self.std:
+            raise ConfigError("the tokenizer (BEiT's) trains on 8-bit RGB images: --in-chans, --value-range, --mean "
+                              "and --std are not its options")
         check_positive(self, "patch_size", "codebook_size", "code_dim", "hidden")
         if self.patch_size & (self.patch_size - 1):
             raise ConfigError(f"--patch-size must be a power of 2, got {self.patch_size}")

@@ -335,7 +335,27 @@ def test_rgb_weights_start_a_4_channel_model(tmp_path, caplog):
     one = MaskedViT(**{k: v for k, v in dict(rgb.encoder.arch, in_chans=1).items() if k != "pixels"})
     load_encoder(path, model=one)
     assert torch.allclose(one.patch_embed.proj.weight, w.sum(1, keepdim=True))
+    from mimkit.eval.knn import knn  # an evaluation with --in-chans 4 from the same RGB file: adapted, the data's stats
+    data = folder(tmp_path / "d", 4, n=8)
+    res = knn(load_config(KnnConfig, overrides=dict(checkpoint=str(path), data=str(data), in_chans=4, threads=1,
+                                                    num_workers=0, output=str(tmp_path / "knn"), feature_cache="")))
+    assert res["adapted_in_chans"] == 4 and res["num_val"] == 2
     two = randomized_mae(2)  # 2-channel weights adapt to nothing
     with pytest.raises(Exception, match="only RGB \\(3-channel\\) weights adapt"):
         load_mae(export(two, "mae", tmp_path / "two.pth"), model=create_mae(MICRO, depth=2, decoder_dim=64,
                                                                            decoder_depth=1, decoder_heads=4, in_chans=4))
+
+
+def test_simmim_and_vit_mpp_pixels_take_any_channel_count():
+    """SimMIM's and ViT-MPP's pixel heads predict p*p*C values for C channels and train on them; the head sized
+    for 3 channels (p*p*3) fails this with a shape error."""
+    from mimkit.models import create_encoder
+    from mimkit.objectives.simmim import SimMIMObjective
+    from mimkit.objectives.vit_mpp import ViTMPPObjective
+    for objective in (SimMIMObjective(create_encoder(MICRO, depth=1, in_chans=4)),
+                      ViTMPPObjective(create_encoder(MICRO, depth=1, in_chans=4), target="pixels")):
+        assert objective.head.out_features == 4 * 4 * 4
+        loss = objective(torch.randn(2, 4, 32, 32))
+        loss = loss["loss"] if isinstance(loss, dict) else loss
+        loss.backward()
+        assert torch.isfinite(loss) and objective.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
