@@ -336,7 +336,7 @@ def test_rgb_weights_start_a_4_channel_model(tmp_path, caplog):
     load_encoder(path, model=one)
     assert torch.allclose(one.patch_embed.proj.weight, w.sum(1, keepdim=True))
     from mimkit.eval.knn import knn  # an evaluation with --in-chans 4 from the same RGB file: adapted, the data's stats
-    data = folder(tmp_path / "d", 4, n=8)
+    data = folder(tmp_path / "d", 4, n=12)
     res = knn(load_config(KnnConfig, overrides=dict(checkpoint=str(path), data=str(data), in_chans=4, threads=1,
                                                     num_workers=0, output=str(tmp_path / "knn"), feature_cache="")))
     assert res["adapted_in_chans"] == 4 and res["num_val"] == 2
