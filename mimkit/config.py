@@ -512,8 +512,6 @@ def check_pixel_options(in_chans: int, value_range: str, mean: str, std: str):
                 raise ConfigError(f"{name} has {len(values)} value(s) but --in-chans is {in_chans}")
             if name == "--std" and min(values) <= 0:
                 raise ConfigError(f"--std values must be > 0, got {text!r}")
-    if (mean == "auto") != (std == "auto") and mean and std:
-        raise ConfigError("--mean and --std: give both as numbers or both as auto")
 
 
 # loading ----------------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ def resolve_pixels(source, indices, in_chans: int = 0, value_range: str = "", me
         raise DataError(f"{_path(source, i2)}: is {np.dtype(d2)} but {_path(source, i1)} is {np.dtype(d1)}; "
                         f"files of one run share a dtype, or pass --value-range LOW,HIGH to map all alike")
     dtype = "uint8" if set(dtypes) == {np.dtype(np.uint8).str} and not value_range else "float"
-    spec = PixelSpec(in_chans=in_chans, dtype=dtype)
+    spec = PixelSpec(in_chans=in_chans, dtype=dtype, mean=default_spec(in_chans).mean, std=default_spec(in_chans).std)
     if value_range:
         parts = [p.strip() for p in value_range.split(",")]
         if all(p.lower().startswith("p") for p in parts):
@@ -201,7 +201,7 @@ def resolve_pixels(source, indices, in_chans: int = 0, value_range: str = "", me
             to_input(a, spec, source.names[i])
         except BadImage as e:
             raise DataError(f"{_path(source, i)}: {e.reason}") from None
-    if mean == "auto" or std == "auto" or (not mean and not std and in_chans != 3):
+    if mean == "auto" or std == "auto" or (in_chans != 3 and not (mean and std)):  # what is not given, from data
         m, s = channel_stats(source, _evenly(indices, stats_images), spec)
         spec.mean, spec.std = tuple(m), tuple(s)
         log.info("pixel statistics from %d training images: mean %s, std %s", min(stats_images, len(indices)),
