@@ -9,7 +9,7 @@ install:
 	$(PIP) install -q -e ".[dev]"
 
 demo: install
-	$(PYTHON) -m mimkit.cli pretrain --config configs/demo.yaml --output $(DEMO)
+	$(PYTHON) -m mimkit.cli pretrain --config configs/demo.yaml --output $(DEMO) --overwrite
 	$(PYTHON) -m mimkit.cli reconstruct --checkpoint $(DEMO) --images builtin --val-fraction 0.1 --output $(DEMO)/figures
 	$(PYTHON) -m mimkit.cli knn --checkpoint $(DEMO) --data builtin --output $(DEMO)/knn
 	$(PYTHON) -m mimkit.cli knn --checkpoint $(DEMO) --data builtin --random-init --output $(DEMO)/knn-random-init

@@ -30,6 +30,7 @@ from timm.scheduler import CosineLRScheduler
 from .checkpoints.io import check_state_dict, load_latest, prune_checkpoints, save_checkpoint
 from .errors import ConfigError, DivergedError, Preempted
 from .precision import autocast
+from .rundir import run_id as read_run_id
 
 log = logging.getLogger("mimkit")
 
@@ -62,7 +63,13 @@ def setup(cfg) -> Env:
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine")
-    device = torch.device(f"cuda:{local}" if want == "cuda" else want)
+    if want == "cuda":  # one process per visible GPU: two ranks on one GPU would fail inside NCCL, obscurely
+        count = torch.cuda.device_count()
+        if local >= count:
+            raise ConfigError(f"LOCAL_RANK {local} but only {count} GPU(s) visible: start one process per GPU "
+                              f"(torchrun --nproc-per-node {count})")
+        want = f"cuda:{local}"
+    device = torch.device(want)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -236,6 +243,7 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
             task, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     forward = torch.compile(model) if cfg.compile else model
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+    run_id = read_run_id(run_dir, create=env.is_main)  # checkpoints record it; pruning removes only this run's
 
     step, epoch, batch_in_epoch, bad_total = 0, 0, 0, 0
     state = load_latest(run_dir) if cfg.resume else None
@@ -268,9 +276,9 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
                 "arch": getattr(task, "arch", {}), "model": task.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "total_steps": total_steps, "bad_steps": bad_total, "rng": _get_rng_state(),
-                "config": _plain(vars(cfg)), **(extra_state or {}),
+                "config": _plain(vars(cfg)), "run_id": run_id, **(extra_state or {}),
             }, run_dir / "checkpoints" / f"checkpoint-{step:08d}.pt")
-            prune_checkpoints(run_dir, cfg.keep_checkpoints)
+            prune_checkpoints(run_dir, cfg.keep_checkpoints, run_id)
         if env.distributed:
             dist.barrier()
 

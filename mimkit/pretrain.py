@@ -10,6 +10,7 @@ from .errors import ConfigError
 from .data import check_sample, make_loader, open_images, split_train_val
 from .engine import TrainResult, effective_lr, fit, seed_everything, setup
 from .objectives import build_objective
+from . import rundir
 
 log = logging.getLogger("mimkit")
 
@@ -17,6 +18,7 @@ log = logging.getLogger("mimkit")
 def pretrain(cfg: PretrainConfig) -> TrainResult:
     """Pretrain on ``cfg.data`` (its training split only) and write everything to ``cfg.output``."""
     env = setup(cfg)
+    rundir.prepare(cfg, "pretrain", env)  # a new folder, or refuse to overwrite another run
     seed_everything(cfg.seed)
     objective = build_objective(cfg)
     encoder = objective.encoder
