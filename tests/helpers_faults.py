@@ -98,7 +98,8 @@ class SyntheticLoader:
 class FaultyObjective(MAEObjective):
     """The MAE objective with faults by forward call number (1-based, counted in this process).
 
-    ``nan_at`` / ``inf_at``: calls whose loss is NaN / +inf (``nan_from``: every call from there on);
+    ``nan_at`` / ``inf_at``: calls whose loss is NaN / +inf (``nan_from``: every call from there on; ``nan_rank``:
+    only on that rank);
     ``sigterm_at`` (+ ``sigterm_rank``): the call that sends SIGTERM to this process; ``hang_at``: the call that
     sleeps forever;
     ``raise_at`` (+ ``raise_rank``): the call that raises RuntimeError on that rank.
@@ -106,11 +107,11 @@ class FaultyObjective(MAEObjective):
     name = "faulty"
 
     def __init__(self, model, nan_at=(), inf_at=(), nan_from=0, sigterm_at=0, sigterm_rank=-1, hang_at=0, raise_at=0,
-                 raise_rank=-1):
+                 raise_rank=-1, nan_rank=-1):
         super().__init__(model)
         self.nan_at, self.inf_at, self.nan_from = set(nan_at), set(inf_at), nan_from
         self.sigterm_at, self.sigterm_rank, self.hang_at = sigterm_at, sigterm_rank, hang_at
-        self.raise_at, self.raise_rank = raise_at, raise_rank
+        self.raise_at, self.raise_rank, self.nan_rank = raise_at, raise_rank, nan_rank
         self.calls = 0
 
     @classmethod
@@ -131,7 +132,7 @@ class FaultyObjective(MAEObjective):
             while True:
                 time.sleep(1)
         loss = super().forward(images, labels, rng)
-        if c in self.nan_at or (self.nan_from and c >= self.nan_from):
+        if (c in self.nan_at or (self.nan_from and c >= self.nan_from)) and self.nan_rank in (-1, rank):
             return loss * float("nan")
         if c in self.inf_at:
             return loss * float("inf")
@@ -285,7 +286,34 @@ def make_fuzz_folder(root: Path, n_good: int = 40):
     return bad, good, ignored
 
 
+def current_rss() -> int:
+    """This process's resident memory now, bytes (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_rss() -> int:
+    """The peak resident memory of this process and of its finished children (data loader workers), bytes."""
+    import resource
+    return 1024 * max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+
+
 if __name__ == "__main__":  # the mimkit command, plus the 'faulty' objective
     register_faulty()
     from mimkit.cli import main
+    report = os.environ.get("MIMKIT_TEST_MEMORY_REPORT")
+    if report:  # the baseline is taken after every import training needs, so the report is the training's own cost
+        import json
+        import mimkit.pretrain  # noqa: F401
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            pass
+        baseline = current_rss()
+        code = main(sys.argv[1:])
+        Path(report).write_text(json.dumps({"baseline": baseline, "peak": peak_rss()}))
+        sys.exit(code)
     sys.exit(main(sys.argv[1:]))

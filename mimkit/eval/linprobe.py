@@ -57,7 +57,7 @@ def linprobe(cfg: LinprobeConfig) -> dict:
     """Train the probe on the training split and return top-1 / top-5 (percent) on the validation split."""
     t0 = time.time()
     env = setup(cfg)
-    pass  # a new folder, or refuse to overwrite another run
+    rundir.prepare(cfg, "linprobe", env)  # a new folder, or refuse to overwrite another run
     seed_everything(cfg.seed)
     encoder, source_info = load_eval_encoder(cfg)
     freeze(encoder).to(env.device)
