@@ -51,18 +51,23 @@ def test_mixup_and_cutmix_mix_the_batch_and_its_labels():
     enc = create_encoder("vit_micro_patch4_32")
     task = ft.FinetuneTask(ft.build_classifier(enc, 4), 4, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
     seen = {}
-    task.criterion = lambda logits, target: seen.update(target=target) or logits.sum() * 0
+    class Capture(torch.nn.Module):
+        def forward(self, logits, target):
+            seen.update(target=target)
+            return logits.sum() * 0
+
+    task.criterion = Capture()
     real_logits = task.logits
     task.logits = lambda images: seen.update(images=images) or real_logits(images)
     torch.manual_seed(0)
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
     task.train()
-    task(images, labels)
+    task(images.clone(), labels)  # timm's Mixup mixes in place
     assert seen["target"].shape == (8, 4) and not torch.equal(seen["images"], images)
     assert ((seen["target"] > 0.02).sum(1) >= 2).all()  # each row mixes two classes (on top of smoothing)
     torch.testing.assert_close(seen["target"].sum(1), torch.ones(8))
     task.eval()
-    task(images, labels)
+    task(images.clone(), labels)
     assert torch.equal(seen["images"], images) and torch.equal(seen["target"], labels)
 
 

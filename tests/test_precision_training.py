@@ -39,7 +39,10 @@ def test_bf16_training_lowers_the_loss_as_fp32_does(tmp_path, monkeypatch):
         dtypes.clear()
         run = tmp_path / precision
         pretrain(load_config(PretrainConfig, overrides={**TINY, "precision": precision, "output": str(run)}))
-        assert set(dtypes) == {torch.float32 if precision == "fp32" else torch.bfloat16}
+        if precision == "bf16":  # every training step's decoder (the final figure is drawn in fp32)
+            assert dtypes.count(torch.bfloat16) >= 30, dtypes
+        else:
+            assert torch.bfloat16 not in dtypes
         curves[precision] = losses(run)
     fp32, bf16 = curves["fp32"], curves["bf16"]
     assert len(bf16) == len(fp32) == 30
