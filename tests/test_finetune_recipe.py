@@ -76,10 +76,13 @@ def test_label_smoothing_is_the_smoothed_cross_entropy():
     (plain cross-entropy) fails this."""
     enc = create_encoder("vit_micro_patch4_32")
     task = ft.FinetuneTask(ft.build_classifier(enc, 3), 3, label_smoothing=0.1).eval()
-    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(0)
+    torch.nn.init.normal_(task.model.head.weight, std=1.0)  # confident logits (the fresh head's are all ~0, where
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])  # smoothing changes nothing)
     logp = F.log_softmax(task.logits(images), -1)
     want = (0.9 * -logp.gather(1, labels[:, None])[:, 0] + 0.1 * -logp.mean(-1)).mean()
     torch.testing.assert_close(task(images, labels), want)
+    assert abs(float(want) - float(F.nll_loss(logp, labels))) > 1e-3  # the check can tell smoothing apart
 
 
 def test_drop_path_changes_training_outputs_only():
