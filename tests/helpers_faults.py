@@ -196,6 +196,21 @@ def png_declaring(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
 
 
+def png_bomb(side: int) -> bytes:
+    """A whole, decodable black PNG of side x side pixels that compresses ~1000:1: a real decompression bomb
+    (17000 px: 289M pixels, 0.87 GB once decoded, from a file of under 1 MB)."""
+    assert side % 1000 == 0
+    rows = b"\x00" * ((1 + 3 * side) * 1000)  # 1000 rows of filter byte + RGB, all zero
+    z = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate: one block set, repeated (a full flush makes each
+    block = z.compress(rows) + z.flush(zlib.Z_FULL_FLUSH)  # independent), so building it stays fast
+    adler = 1
+    for _ in range(side // 1000):
+        adler = zlib.adler32(rows, adler)
+    body = b"\x78\x01" + block * (side // 1000) + z.flush() + struct.pack(">I", adler)
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
+
+
 def jpeg_declaring(width: int, height: int) -> bytes:
     """A valid small JPEG whose frame header (SOF0) is rewritten to claim ``width`` x ``height``."""
     data = bytearray(encode(noise_image(16, 16), "JPEG"))
@@ -245,6 +260,7 @@ def make_fuzz_folder(root: Path, n_good: int = 40):
     put("bomb_100000x100000.png", png_declaring(100_000, 100_000), True)
     put("bomb_20000x20000.png", png_declaring(20_000, 20_000), True)  # between PIL's warning and error limits
     put("bomb_65000x65000.jpg", jpeg_declaring(65_000, 65_000), True)
+    put("bomb_whole_17000x17000.png", png_bomb(17_000), True)  # decodes fully: only the pixel guard stops it
     # odd but valid: must be used, not skipped
     put("cmyk.jpg", encode(noise_image(40, 40).convert("CMYK"), "JPEG"), False)
     put("grey_16bit.png", encode(Image.fromarray((np.arange(40 * 40, dtype=np.uint16) * 40).reshape(40, 40)), "PNG"),

@@ -20,9 +20,10 @@ TINY_NAMES = {"fuzz/one_pixel.png", "fuzz/smaller_than_a_patch_3x3.png"}
 PIPE = "fuzz/named_pipe.jpg"
 # Peak resident memory of training (main process or its loader worker) above the same process's resident memory
 # after its imports, which differ between environments (1.51 GiB absolute in CI's system Python, less in a venv).
-# The need: a guarded decode of these files costs a few MB; the 20000 x 20000 bomb, if decoded, costs 1.2 GB (RGB).
+# The need: a guarded decode of these files costs a few MB; the whole 17000 x 17000 bomb, if decoded, costs 0.87 GB
+# (the bombs with a truncated body cost little even unguarded: their pixel memory is allocated but never touched).
 # Training the micro model over this folder measured 58 MiB above the baseline (730 MiB); 512 MiB leaves ~9x
-# headroom and stays below the 1.2 GB the bomb would cost.
+# headroom and stays below what the whole bomb would cost.
 MEMORY_LIMIT = 512 * 2 ** 20
 
 
@@ -150,7 +151,7 @@ def trained(fuzz, tmp_path_factory):
 
 def test_training_over_the_fuzz_folder_finishes_and_names_every_bad_file(trained):
     """Training finishes, names every bad file, and its memory stays bounded. Loosening the bomb guard
-    (``Image.MAX_IMAGE_PIXELS = 2 ** 29`` in mimkit/data/decode.py, which lets the 20000 x 20000 bomb decode)
+    (``Image.MAX_IMAGE_PIXELS = 2 ** 29`` in mimkit/data/decode.py, which lets the whole 17000 x 17000 bomb decode)
     fails the memory bound."""
     t = trained
     assert t["rc"] == 0, t["log"][-3000:]
