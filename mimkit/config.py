@@ -32,7 +32,7 @@ def flag(name: str) -> str:
 # shared groups -------------------------------------------------------------------------------
 @dataclass
 class RunOptions:
-    output: str = opt("runs/run", "run directory: config, metrics, checkpoints, figures")
+    output: str = opt("", "run directory: config, metrics, checkpoints, figures ('': a new runs/COMMAND-TIME)")
     seed: int = opt(0, "random seed (data order, augmentation, masks, init)")
     device: str = opt("auto", "'auto' (cuda when present), 'cpu', 'cuda' or 'cuda:N'")
     precision: str = opt("fp32", "numeric precision", ["fp32", "bf16", "fp16"])
@@ -69,6 +69,7 @@ class EngineOptions:
     save_every: int = opt(0, "steps between checkpoints (0: at the end of each epoch only)")
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
     resume: bool = opt(False, "continue from the newest checkpoint in --output")
+    overwrite: bool = opt(False, "move a previous run in --output aside (to OUTPUT.old-TIME) and start afresh")
     deterministic: bool = opt(False, "deterministic algorithms, so a resumed run ends bit-identical")
     compile: bool = opt(False, "torch.compile the model")
     grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
@@ -169,6 +170,7 @@ class FinetuneConfig(EvalOptions, OptimOptions, EngineOptions):
 
 @dataclass
 class ReconstructConfig(RunOptions):
+    output: str = opt("runs/reconstruct", "folder of the figures and their scores")
     checkpoint: str = opt("", "MAE checkpoint with its decoder")
     images: str = opt("builtin", "image folder, archive, a single image file or 'builtin'")
     num_images: int = opt(8, "how many images to show (spread over the classes of --images, seeded by --seed)")
@@ -236,7 +238,8 @@ class EmbedConfig:
 @dataclass
 class TokenizerConfig(RunOptions, DataOptions, OptimOptions, EngineOptions):
     action: str = opt("train", "what to do (mimkit tokenizer train)", ["train"], positional=True)
-    output: str = opt("runs/tokenizer", "run directory: tokenizer.pt, tokenizer.json, checkpoints, metrics")
+    output: str = opt("", "run directory: tokenizer.pt, tokenizer.json, checkpoints, metrics "
+                          "('': a new runs/tokenizer-TIME)")
     patch_size: int = opt(4, "pixels per token side (a power of 2; the encoder's patch size, for BEiT)")
     codebook_size: int = opt(8192, "number of codes (BEiT's DALL-E tokenizer: 8192)")
     code_dim: int = opt(32, "width of a code vector")
@@ -390,6 +393,10 @@ def check_common(cfg):
         if getattr(cfg, n) < 0:
             raise ConfigError(f"{flag(n)} must be >= 0, got {getattr(cfg, n)}")
     check_run(cfg)
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues the run in --output, --overwrite moves it aside: choose one")
+    if cfg.resume and not cfg.output:
+        raise ConfigError("--resume needs --output: the run directory to continue")
     if getattr(cfg, "init", ""):
         check_file(cfg.init, "--init")
 

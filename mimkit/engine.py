@@ -30,6 +30,7 @@ from timm.scheduler import CosineLRScheduler
 from .checkpoints.io import check_state_dict, load_latest, prune_checkpoints, save_checkpoint
 from .errors import ConfigError, DivergedError, Preempted
 from .precision import autocast
+from .rundir import run_id as read_run_id
 
 log = logging.getLogger("mimkit")
 
@@ -62,7 +63,13 @@ def setup(cfg) -> Env:
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine")
-    device = torch.device(f"cuda:{local}" if want == "cuda" else want)
+    if want == "cuda":  # one process per visible GPU: two ranks on one GPU would fail inside NCCL, obscurely
+        count = torch.cuda.device_count()
+        if local >= count:
+            raise ConfigError(f"LOCAL_RANK {local} but only {count} GPU(s) visible: start one process per GPU "
+                              f"(torchrun --nproc-per-node {count})")
+        want = f"cuda:{local}"
+    device = torch.device(want)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -518,6 +525,7 @@ class CheckpointWriter:
                  extra_state: Optional[dict]):
         self.task, self.optimizer, self.scaler, self.pos = task, optimizer, scaler, pos
         self.cfg, self.run_dir, self.env, self.extra_state = cfg, run_dir, env, extra_state or {}
+        self.run_id = read_run_id(run_dir, create=env.is_main)  # checkpoints record it; pruning removes only this run's
 
     def __call__(self):
         if self.env.is_main:
@@ -528,9 +536,10 @@ class CheckpointWriter:
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": pos.step,
                 "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch, "total_steps": pos.total_steps,
                 "bad_steps": pos.bad_steps, "rng": _get_rng_state(), "config": _plain(vars(self.cfg)),
+                "run_id": self.run_id,
                 **self.extra_state,
             }, self.run_dir / "checkpoints" / f"checkpoint-{pos.step:08d}.pt")
-            prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+            prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints, self.run_id)
         if self.env.distributed:
             dist.barrier()
 

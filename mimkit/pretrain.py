@@ -10,6 +10,7 @@ from .errors import ConfigError
 from .data import check_sample, make_loader, open_images, split_train_val, spread_over_classes
 from .engine import TrainResult, effective_lr, fit, seed_everything, setup
 from .objectives import check_objective, get_objective
+from . import rundir
 
 log = logging.getLogger("mimkit")
 
@@ -25,6 +26,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     """Pretrain on ``cfg.data`` (its training split only) and write everything to ``cfg.output``."""
     options = check_objective(cfg)  # the objective's name and options, before any work starts
     env = setup(cfg)
+    rundir.prepare(cfg, "pretrain", env)  # a new folder, or refuse to overwrite another run
     seed_everything(cfg.seed)
     objective = get_objective(cfg.objective).from_config(cfg, options)
     if getattr(objective, "mask_ratio", None) is not None:
