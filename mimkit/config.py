@@ -35,7 +35,8 @@ class RunOptions:
     output: str = opt("", "run directory: config, metrics, checkpoints, figures ('': a new runs/COMMAND-TIME)")
     seed: int = opt(0, "random seed (data order, augmentation, masks, init)")
     device: str = opt("auto", "'auto' (cuda when present), 'cpu', 'cuda' or 'cuda:N'")
-    precision: str = opt("fp32", "numeric precision", ["fp32", "bf16", "fp16"])
+    precision: str = opt("auto", "numeric precision: auto is bf16 where the device runs it natively (GPUs with bf16, "
+                         "CPUs with AVX512-BF16 or AMX), else fp32; fp16 only on GPUs", ["auto", "fp32", "bf16", "fp16"])
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
     num_workers: int = opt(-1, "data loader worker processes (-1: automatic)")
     cache: str = opt("auto", "decode small data sets once into memory", ["auto", "on", "off"])
@@ -332,7 +333,8 @@ class BenchConfig:
     configs: str = opt("tiny32,base224", "configurations to time, comma-separated: tiny32 (ViT-Ti, 32 px, batch 128), "
                        "base224 (ViT-B/16 + 512-d x 8 decoder; batch 16 on the CPU, 256 on a GPU), micro32 (tests)",
                        positional=True)
-    precision: str = opt("fp32,bf16", "precisions to time, comma-separated: fp32, bf16 (autocast, for the peers too)")
+    precision: str = opt("auto", "precisions to time, comma-separated: fp32, bf16 (autocast, for the peers too); auto: "
+                         "fp32, plus bf16 where the device runs it natively")
     peers: str = opt("hf,lightly", "peers timed beside mimkit, comma-separated: hf (transformers ViTMAE), lightly; "
                      "'none' for mimkit alone")
     batch_size: int = opt(0, "images per step (0: the configuration's)")
@@ -354,7 +356,7 @@ class BenchConfig:
     out: str = opt("", "write every measurement as JSON to this file")
 
     def validate(self):
-        for name, allowed in (("configs", BENCH_CONFIGS), ("precision", ("fp32", "bf16")),
+        for name, allowed in (("configs", BENCH_CONFIGS), ("precision", ("auto", "fp32", "bf16")),
                               ("peers", ("hf", "lightly", "none"))):
             values = [v.strip() for v in str(getattr(self, name)).split(",") if v.strip()]
             if not values:

@@ -29,7 +29,7 @@ from timm.scheduler import CosineLRScheduler
 
 from .checkpoints.io import check_state_dict, load_latest, prune_checkpoints, save_checkpoint
 from .errors import ConfigError, DivergedError, Preempted
-from .precision import autocast
+from .precision import autocast, resolve as resolve_precision
 from .rundir import run_id as read_run_id
 
 log = logging.getLogger("mimkit")
@@ -41,6 +41,7 @@ class Env:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    precision: str = "fp32"  # what --precision resolved to on this device (mimkit.precision.resolve)
 
     @property
     def is_main(self) -> bool:
@@ -83,7 +84,12 @@ def setup(cfg) -> Env:
                                 timeout=timedelta(seconds=getattr(cfg, "dist_timeout", 600)))
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ConfigError("--precision fp16 needs a GPU (on the CPU use bf16)")
-    return Env(device, rank, world)
+    precision, why = resolve_precision(cfg.precision, device)
+    if cfg.precision == "auto" and rank == 0:
+        log.info("--precision auto: %s (%s)", precision, why)
+    elif precision == "bf16" and resolve_precision("auto", device)[0] != "bf16" and rank == 0:
+        log.warning("--precision bf16 on %s: %s", device, resolve_precision("auto", device)[1])
+    return Env(device, rank, world, precision)
 
 
 class StepRandom:
@@ -326,7 +332,7 @@ def _wrap(task, cfg, env: Env):
         model = torch.nn.parallel.DistributedDataParallel(
             task, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     forward = torch.compile(model) if cfg.compile else model
-    return model, forward, torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+    return model, forward, torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
 
 
 def _resume(task, optimizer, scaler, pos: Position, run_dir: Path, cfg, env: Env) -> bool:
@@ -362,7 +368,7 @@ class Accumulation:
 
     def forward(self, images, labels, rng: StepRandom, sync: bool) -> torch.Tensor:
         no_sync = nullcontext() if sync or not self.env.distributed else self.model.no_sync()
-        with no_sync, autocast(self.env.device, self.cfg.precision):
+        with no_sync, autocast(self.env.device, self.env.precision):
             loss = self.forward_fn(images, labels, rng)
             return loss["loss"] if isinstance(loss, dict) else loss
 

@@ -57,7 +57,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
         save_config(cfg, run_dir / "config.yaml")
         log.info("pretraining %s (%s, %.1fM parameters) on %d images of %s (%d held out), lr %.2e, %s on %s",
                  cfg.objective, cfg.model, sum(p.numel() for p in objective.parameters()) / 1e6, len(train_idx),
-                 cfg.data, len(val_idx), lr, cfg.precision, env.device)
+                 cfg.data, len(val_idx), lr, env.precision, env.device)
 
     figure = _figure_callback(objective, source, val_idx if len(val_idx) else train_idx, img_size, run_dir, cfg, env)
     result = fit(objective, optimizer, loader, cfg, run_dir, env, on_epoch_end=figure)

@@ -30,6 +30,7 @@ import torch
 
 from ..engine import setup
 from ..files import write_json, write_text
+from ..precision import resolve as resolve_precision
 from .measure import (Runner, count_flops, load_average, loss_check, machine_info, matmul_rate, release_free_memory,
                       step_memory, summary, time_data_pipeline, time_interleaved)
 from .peers import BUILDERS, CONFIGS, PEERS, PRECISIONS, build_mimkit
@@ -49,7 +50,10 @@ def bench(cfg) -> dict:
     """Run the benchmark described by a :class:`mimkit.config.BenchConfig`; print a table, write JSON."""
     env = setup(cfg)
     device = env.device
-    precisions = _names(cfg.precision)
+    precisions = []  # auto: fp32, and bf16 too where the device runs it natively
+    for p in _names(cfg.precision):
+        precisions += ["fp32", resolve_precision("auto", device)[0]] if p == "auto" else [p]
+    precisions = list(dict.fromkeys(precisions))
     peers = [p for p in _names(cfg.peers) if p != "none"]
     variants = {"off": ["mimkit"], "on": ["mimkit+compile"], "both": ["mimkit", "mimkit+compile"]}[cfg.compile]
     if cfg.grad_checkpointing:

@@ -161,7 +161,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     acc = {}
     if env.is_main:
-        acc = evaluate(task, image_loader(source, val_idx, cfg, env, img_size=img_size), env, cfg.precision)
+        acc = evaluate(task, image_loader(source, val_idx, cfg, env, img_size=img_size), env, env.precision)
     acc = _broadcast(acc, env)
     results = {"command": "finetune", **acc, "num_train": len(train_idx), "num_val": len(val_idx),
                "num_classes": n_classes, "global_pool": cfg.global_pool, "blocks": cfg.blocks,
