@@ -49,7 +49,7 @@ def test_bench_runs_once_on_a_tiny_configuration(tmp_path, capsys):
                 peer = rows[(p, r["precision"])]["images_per_s"]["median"]
                 assert r["vs"][p] == pytest.approx(ips["median"] / peer, rel=1e-9)
     # FLOPs: the analytic count of the micro MAE's training step (3x the forward's matmuls, plus the fused CPU
-    # attention's recomputation of q @ k^T), within 1%; activation checkpointing adds the recomputed forward
+    # attention's recomputation of q @ k^T), within 1%
     spec = peers.CONFIGS["micro32"]
     e, d = spec.encoder, spec.dec
     vis, n = 1 + 16, 65
@@ -59,7 +59,8 @@ def test_bench_runs_once_on_a_tiny_configuration(tmp_path, capsys):
     recompute = 2 * vis ** 2 * e["embed_dim"] * e["depth"] + 2 * n ** 2 * d["decoder_dim"] * d["decoder_depth"]
     for p in ("fp32", "bf16"):
         assert rows[("mimkit", p)]["flops_per_image"] == pytest.approx(3 * fwd + recompute, rel=0.01)
-        assert rows[("mimkit+ckpt", p)]["flops_per_image"] > rows[("mimkit", p)]["flops_per_image"]
+        # the model's FLOPs, not the recomputation: a checkpointed row does the same useful work, more slowly
+        assert rows[("mimkit+ckpt", p)]["flops_per_image"] == rows[("mimkit", p)]["flops_per_image"]
     for p in ("fp32", "bf16"):
         assert result["matmul"][p]["median"] > 0 and len(result["matmul"][p]["all"]) == 5 + 2  # opening + a probe per round
     dp = result["data_pipeline"]
