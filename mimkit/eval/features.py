@@ -107,7 +107,7 @@ def features_for(encoder: MaskedViT, source, indices, cfg, env, img_size: int, p
     cache_dir = Path(os.path.expanduser(cfg.feature_cache)) if cfg.feature_cache else None
     path = None
     if cache_dir is not None:
-        path = cache_dir / f"{_feature_key(encoder, source, indices, cfg.pool, img_size, cfg.precision, pixels)}.pt"
+        path = cache_dir / f"{_feature_key(encoder, source, indices, cfg.pool, img_size, env.precision, pixels)}.pt"
         if path.is_file():
             try:
                 cached = load_checkpoint(path)
@@ -115,7 +115,7 @@ def features_for(encoder: MaskedViT, source, indices, cfg, env, img_size: int, p
             except CheckpointError as e:
                 log.warning("%s; computing the features again", e)
     feats, labels = loader_features(encoder, image_loader(source, indices, cfg, env, img_size=img_size, pixels=pixels),
-                                     cfg.pool, env.device, cfg.precision)
+                                     cfg.pool, env.device, env.precision)
     if path is not None and env.is_main:
         try:
             save_checkpoint({"features": feats, "labels": labels}, path)
