@@ -67,12 +67,16 @@ class FolderSource(ImageSource):
         super().__init__(root, names)
 
     def read_bytes(self, i):
-        # non-blocking open + fstat: a named pipe or device called *.jpg must fail, not block the loader forever
-        fd = os.open(os.path.join(self.root, self.names[i]), os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError("not a regular file")
-            return f.read()
+        return read_regular_file(os.path.join(self.root, self.names[i]))
+
+
+def read_regular_file(path) -> bytes:
+    # non-blocking open + fstat: a named pipe or device called *.jpg must fail, not block the loader forever
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError("not a regular file")
+        return f.read()
 
 
 class FileSource(FolderSource):
@@ -189,11 +193,7 @@ class ListSource(ImageSource):
         self.labels = [idx[labels[i]] if labels[i] is not None else -1 for i in order]
 
     def read_bytes(self, i):
-        fd = os.open(self.paths[i], os.O_RDONLY | os.O_NONBLOCK)  # as FolderSource: never block on a pipe
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError("not a regular file")
-            return f.read()
+        return read_regular_file(self.paths[i])
 
 
 class JoinedSource(ImageSource):
