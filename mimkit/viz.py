@@ -110,7 +110,8 @@ def reconstruct(cfg) -> list:
         panels = reconstruction_panels(mae, images, cfg.mask_ratio, cfg.seed)
         paths = []
         for name, row in zip([source.names[i] for i in shown], panels):
-            p = out / (Path(name).stem + f"-mask{cfg.mask_ratio:.2f}.png")
+            # the file's path inside the folder, flattened: cat/0000.jpg and ship/0000.jpg must not share a figure
+            p = out / (str(Path(name).with_suffix("")).replace("/", "_") + f"-mask{cfg.mask_ratio:.2f}.png")
             p.parent.mkdir(parents=True, exist_ok=True)
             save_image(make_grid(_upscale(row.cpu()), nrow=4, padding=2, pad_value=1.0), p)
             paths.append(p)
