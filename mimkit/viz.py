@@ -86,9 +86,7 @@ def reconstruct(cfg) -> list:
     from .files import write_json
     from .data import make_loader, open_images, split_train_val, spread_over_classes
     norm_pix = {"auto": None, "normalised": True, "raw": False}[cfg.target]
-    mae, info = load_mae(cfg.checkpoint, allow_missing_decoder=False, norm_pix_loss=norm_pix)
-    mae.eval()
-    source = open_images(cfg.images)
+    source = open_images(cfg.images)  # the images first: a bad --images fails before the weights are read
     if cfg.val_fraction > 0:
         scored = split_train_val(source, cfg.val_fraction)[1]
         if not scored:
@@ -97,6 +95,8 @@ def reconstruct(cfg) -> list:
         shown = spread_over_classes(source, scored, cfg.seed)[:cfg.num_images]
     else:
         scored = shown = spread_over_classes(source, range(len(source)), cfg.seed)[:cfg.num_images]
+    mae, info = load_mae(cfg.checkpoint, allow_missing_decoder=False, norm_pix_loss=norm_pix)
+    mae.eval()
 
     def images_of(indices, batch_size):
         loader = make_loader(source, indices, batch_size=batch_size, recipe="eval", shuffle=False, num_workers=0,
