@@ -19,6 +19,8 @@ COMMANDS = {
     "tokenizer": (C.TokenizerConfig, "mimkit.tokenizer:tokenizer_command",
                   "train a discrete visual tokenizer (VQ-VAE) for BEiT: mimkit tokenizer train"),
     "sweep": (C.SweepConfig, "mimkit.sweep:sweep", "pretrain and evaluate a grid or list of runs; a table and plots"),
+    "shards": (C.ShardsConfig, "mimkit.data.shards:shards_command",
+               "write images as webdataset tar shards for streaming (--data 'OUT/shard-{000000..000009}.tar')"),
     "bench": (C.BenchConfig, "mimkit.bench:bench", "time pretraining steps against the peers (HF ViTMAE, lightly)"),
 }
 

@@ -32,7 +32,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     loader = make_loader(source, train_idx, batch_size=cfg.batch_size, recipe="pretrain", img_size=img_size,
                          aug=cfg.aug, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
                          num_workers=cfg.num_workers, device=env.device,
-                         cache=cfg.cache, min_size=patch)
+                         cache=cfg.cache, min_size=patch, streams=cfg.shard_streams)
     if cfg.grad_checkpointing:
         encoder.set_grad_checkpointing(True)
 

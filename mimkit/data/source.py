@@ -152,6 +152,10 @@ def open_images(path) -> ImageSource:
     """
     if str(path) in BUILTIN:
         path = SAMPLE_DIR
+    from .shards import is_shard_spec
+    if is_shard_spec(path):  # 'train-{000000..000127}.tar', or a URL fsspec opens
+        from .shards import open_shards
+        return open_shards(str(path))
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"{path}: no such file or folder")
