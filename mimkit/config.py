@@ -53,8 +53,8 @@ class DataOptions:
     image_column: str = opt("image", "Hugging Face datasets (--data hfds:DIR): the image column")
     label_column: str = opt("label", "Hugging Face datasets: the label column ('' : unlabeled)")
     train_split: str = opt("train", "Hugging Face datasets: the split to train on")
-    val_split: str = opt("validation", "Hugging Face datasets: the held-out split ('' : --val-fraction of the "
-                         "train split)")
+    val_split: str = opt("auto", "Hugging Face datasets: the held-out split ('auto': 'validation' when the "
+                         "dataset has one; '' : --val-fraction of the train split)")
 
 
 @dataclass
@@ -99,6 +99,11 @@ class PretrainConfig(RunOptions, DataOptions, OptimOptions, EngineOptions):
     aug: str = opt("rrc", "augmentation", ["rrc", "none", "fixed_crop", "rrc_jitter"])
     init: str = opt("", "start from released weights (mimkit, official MAE, HF ViTMAE or timm)")
     figure_every: int = opt(1, "epochs between reconstruction figures (0: only at the end)")
+    eval_every: int = opt(0, "epochs between k-NN top-1 checks on held-out images, with reconstructions of them, "
+                          "to TensorBoard and metrics.jsonl (0: off)")
+    eval_images: int = opt(1000, "--eval-every: held-out images scored and training images in the k-NN bank")
+    tracker: str = opt("none", "also send the metrics to an experiment tracker (its own settings apply, e.g. "
+                       "WANDB_MODE=offline, MLFLOW_TRACKING_URI)", ["none", "wandb", "mlflow"])
     objective_args: Dict[str, Any] = field(default_factory=dict,
                                            metadata={"help": "extra options of the objective (YAML mapping)"})
 
@@ -106,9 +111,10 @@ class PretrainConfig(RunOptions, DataOptions, OptimOptions, EngineOptions):
         check_common(self)
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
-        for n in ("decoder_dim", "decoder_depth", "decoder_heads", "figure_every"):
+        for n in ("decoder_dim", "decoder_depth", "decoder_heads", "figure_every", "eval_every"):
             if getattr(self, n) < 0:
                 raise ConfigError(f"{flag(n)} must be >= 0, got {getattr(self, n)}")
+        check_positive(self, "eval_images")
         from .objectives import OBJECTIVES
         check_choice("objective", self.objective, OBJECTIVES)
         check_model(self, self.model)

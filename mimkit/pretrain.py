@@ -8,6 +8,7 @@ from timm.optim import create_optimizer_v2
 from .config import PretrainConfig, save_config
 from .errors import ConfigError
 from .data import check_sample, make_loader, open_images, split_train_val
+from .data.hfdata import dataset_options
 from .engine import TrainResult, effective_lr, fit, seed_everything, setup
 from .objectives import build_objective
 
@@ -26,7 +27,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     if cfg.init:
         _init_from(objective, cfg.init)
 
-    source = open_images(cfg.data)
+    source = open_images(cfg.data, **dataset_options(cfg))
     train_idx, val_idx = split_train_val(source, cfg.val_fraction)
     check_sample(source, min_size=patch)
     loader = make_loader(source, train_idx, batch_size=cfg.batch_size, recipe="pretrain", img_size=img_size,

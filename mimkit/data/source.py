@@ -145,14 +145,20 @@ def _strip_dot(name):
     return name.lstrip("/")
 
 
-def open_images(path) -> ImageSource:
-    """A folder of images (recursive), a .tar/.tar.gz/.tgz of one, or ``'builtin'`` (the embedded CIFAR-10 sample).
+def open_images(path, **dataset_options) -> ImageSource:
+    """A folder of images (recursive), a .tar/.tar.gz/.tgz of one, or ``'builtin'`` (the embedded CIFAR-10 sample);
+    tar shards (``x-{000000..000127}.tar``: :mod:`.shards`) or a Hugging Face dataset (``hfds:DIR``: :mod:`.hfdata`,
+    which takes ``dataset_options``: image_column, label_column, train_split, val_split).
 
     Labels come from first-level folder names (sorted); images in the root are -1 (unlabeled).
     """
     if str(path) in BUILTIN:
         path = SAMPLE_DIR
+    from .hfdata import is_hf_dataset
     from .shards import is_shard_spec
+    if is_hf_dataset(path):
+        from .hfdata import open_hf_dataset
+        return open_hf_dataset(str(path), **dataset_options)
     if is_shard_spec(path):  # 'train-{000000..000127}.tar', or a URL fsspec opens
         from .shards import open_shards
         return open_shards(str(path))
@@ -177,7 +183,10 @@ def split_train_val(source: ImageSource, val_fraction: float = 0.1):
 
     Unlabeled images (-1) form one group, so an unlabeled source gives the last fraction overall.
     Rounding is half-up (45 * 0.1 -> 5). Returns two sorted lists of source indices.
+    A source with named splits (a Hugging Face dataset's train and validation) returns those instead.
     """
+    if getattr(source, "fixed_split", None):
+        return source.fixed_split
     groups = {}
     for i, y in enumerate(source.labels):
         groups.setdefault(y, []).append(i)  # source order is sorted, so each group is too
