@@ -80,7 +80,8 @@ class _Source:
 
 
 def _read(path) -> _Source:
-    p = Path(path).expanduser()
+    from .hub import resolve_path
+    p = Path(resolve_path(path)).expanduser()  # hf://ORG/NAME[@REV]: its copy in the Hugging Face cache
     if p.is_dir():
         if (p / "checkpoints").is_dir():
             state = load_latest(p)

@@ -46,10 +46,10 @@ def resolve(path: str) -> str:
     except hub_errors.RepositoryNotFoundError:
         raise CheckpointError(f"{path}: no repository {repo} on the Hub (or it is private or gated: log in with "
                               f"`hf auth login`)") from None
+    except hub_errors.LocalEntryNotFoundError:  # before its base class EntryNotFoundError
+        raise CheckpointError(f"{path}: {_not_cached(repo, revision)}") from None
     except hub_errors.EntryNotFoundError:
         raise CheckpointError(f"{path}: {repo} has no file {filename}") from None
-    except hub_errors.LocalEntryNotFoundError:
-        raise CheckpointError(f"{path}: {_not_cached(repo, revision)}") from None
     except (OSError, ValueError) as e:  # network errors, a broken cache
         raise CheckpointError(f"{path}: cannot get it from the Hub ({type(e).__name__}: {e})".replace("\n", " ")) from None
     if (folder / "config.json").is_file():
