@@ -33,6 +33,9 @@ def add_options(parser: argparse.ArgumentParser, cls):
                             help=f"the same as {', '.join(C.flag(n) for n in positional)}")
     for f, typ in C.option_fields(cls):
         help_ = f.metadata.get("help", "")
+        if cls is C.PretrainConfig and f.name == "objective":
+            from .objectives import OBJECTIVES
+            help_ = f"pretraining objective: {', '.join(OBJECTIVES)} (`mimkit objectives` describes each)"
         default = f.default if f.default is not C.dataclasses.MISSING else "{}"
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{help_} (default: {default})")
         if f.metadata.get("choices"):
@@ -74,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_options(sub.add_parser(name, help=help_, description=help_, allow_abbrev=False), cls)
     models = sub.add_parser("models", help="list the model presets")
     models.set_defaults(command="models")
+    objectives = sub.add_parser("objectives", help="list the pretraining objectives, one line each, and their "
+                                "objective_args with defaults")
+    objectives.set_defaults(command="objectives")
     return parser
 
 
@@ -113,6 +119,10 @@ def main(argv=None) -> int:
         for name, a in sorted(ENCODERS.items()):
             print(f"{name:24s} {a['img_size']:>4d}px patch {a['patch_size']:<2d} width {a['embed_dim']:<5d} "
                   f"depth {a['depth']:<3d} heads {a['num_heads']}")
+        return 0
+    if command == "objectives":
+        from .objectives import describe
+        print(describe())
         return 0
     cls, target, _ = COMMANDS[command]
     from .errors import CheckpointError, ConfigError, DataError, DivergedError, Preempted

@@ -90,8 +90,9 @@ class EngineOptions:
 @dataclass
 class PretrainConfig(RunOptions, DataOptions, OptimOptions, EngineOptions):
     model: str = opt("vit_tiny_patch4_32", "encoder preset (see `mimkit models`)")
-    objective: str = opt("mae", "pretraining objective")
-    mask_ratio: float = opt(0.75, "fraction of patches hidden")
+    objective: str = opt("mae", "pretraining objective (see `mimkit objectives`)")
+    mask_ratio: Optional[float] = opt(None, "fraction of patches hidden (default: the objective's paper value, "
+                                      "see `mimkit objectives`)")
     norm_pix_loss: bool = opt(True, "predict per-patch normalised pixels")
     decoder_dim: int = opt(0, "decoder width (0: preset default)")
     decoder_depth: int = opt(0, "decoder blocks (0: preset default)")
@@ -109,14 +110,14 @@ class PretrainConfig(RunOptions, DataOptions, OptimOptions, EngineOptions):
 
     def validate(self):
         check_common(self)
-        if not 0.0 < self.mask_ratio < 1.0:
+        if self.mask_ratio is not None and not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
         for n in ("decoder_dim", "decoder_depth", "decoder_heads", "figure_every", "eval_every"):
             if getattr(self, n) < 0:
                 raise ConfigError(f"{flag(n)} must be >= 0, got {getattr(self, n)}")
         check_positive(self, "eval_images")
-        from .objectives import OBJECTIVES
-        check_choice("objective", self.objective, OBJECTIVES)
+        # the objective's name and options are checked by its registry (mimkit.objectives.check_objective) at the
+        # command layer: config sits below the objectives and never imports them
         check_model(self, self.model)
 
 
@@ -487,7 +488,7 @@ def option_fields(cls):
     return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
 
 
-def _coerce(name: str, value, typ):
+def _coerce(name: str, value, typ, label=flag):
     origin = typing.get_origin(typ)
     if origin is typing.Union:  # Optional[X]
         if value is None:
@@ -499,24 +500,24 @@ def _coerce(name: str, value, typ):
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{flag(name)} must be true or false, got {value!r}")
+        raise ConfigError(f"{label(name)} must be true or false, got {value!r}")
     if typ in (int, float):
         if isinstance(value, bool) or (typ is int and isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(f"{flag(name)} must be {'an integer' if typ is int else 'a number'}, got {value!r}")
+            raise ConfigError(f"{label(name)} must be {'an integer' if typ is int else 'a number'}, got {value!r}")
         try:
             out = typ(value)
         except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"{flag(name)} must be {'an integer' if typ is int else 'a number'}, got {value!r}") from None
+            raise ConfigError(f"{label(name)} must be {'an integer' if typ is int else 'a number'}, got {value!r}") from None
         if not math.isfinite(out):
-            raise ConfigError(f"{flag(name)} must be a finite number, got {value!r}")
+            raise ConfigError(f"{label(name)} must be a finite number, got {value!r}")
         return out
     if typ is str:
         if value is None or isinstance(value, (dict, list)):
-            raise ConfigError(f"{flag(name)} must be a string, got {value!r}")
+            raise ConfigError(f"{label(name)} must be a string, got {value!r}")
         return str(value)
     if origin in (dict, typing.Dict) or typ is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{flag(name)} must be a mapping, got {value!r}")
+            raise ConfigError(f"{label(name)} must be a mapping, got {value!r}")
         return dict(value)
     return value
 
@@ -537,19 +538,25 @@ def load_config(cls, path: Optional[str] = None, overrides: Optional[dict] = Non
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
     values.update({k.replace("-", "_"): v for k, v in (overrides or {}).items()})
 
+    return build_options(cls, values)
+
+
+def build_options(cls, values: dict, label=flag):
+    """An options dataclass from a mapping: unknown keys (with the nearest name), types and choices checked, then
+    ``validate()``. ``label`` names a key in messages (``--key`` for command options)."""
     known = {f.name: t for f, t in option_fields(cls)}
     for key in values:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {flag(close[0])}?" if close else ""
-            raise ConfigError(f"unknown option {flag(key)}{hint}")
+            hint = f"; did you mean {label(close[0])}?" if close else ""
+            raise ConfigError(f"unknown option {label(key)}{hint}")
     kwargs = {}
     for f, typ in option_fields(cls):
         if f.name in values:
-            v = _coerce(f.name, values[f.name], typ)
+            v = _coerce(f.name, values[f.name], typ, label)
             choices = f.metadata.get("choices")
             if choices and v not in choices:
-                raise ConfigError(f"{flag(f.name)} must be one of {', '.join(map(str, choices))}; got {v!r}")
+                raise ConfigError(f"{label(f.name)} must be one of {', '.join(map(str, choices))}; got {v!r}")
             kwargs[f.name] = v
     cfg = cls(**kwargs)
     if hasattr(cfg, "validate"):

@@ -1,9 +1,15 @@
-"""Which patches to hide.
+"""Which patches to hide: every mask of every objective comes from here.
 
-Every sampler returns a boolean mask of shape (B, L), True where a patch is hidden.
-``random_masking`` is MAE's: per-sample uniform sampling by argsort of noise, which
-also yields the index tensors that let the encoder gather the visible patches and
-the decoder put them back in place.
+Every mask is a boolean tensor of shape (B, L), True where a patch is hidden:
+
+- ``random_masking``: MAE's per-sample uniform sampling by argsort of noise, returned as a ``RandomMask``
+  (the bool ``mask`` plus the index tensors that let an encoder gather the visible patches and a
+  decoder put them back in place); MAE, its ablations, SimMIM, BEiT's random option, ViT-MPP and
+  iGPT-BERT all draw their random masks with it;
+- ``block_mask``: BEiT's block-wise algorithm for one image; ``grid_masking``: MAE's grid ablation;
+- ``draw_mask(kind, ...)``: any of the three for a batch, from the engine's per-step noise, so a mask
+  depends only on (seed, step, sample), never on how the batch is split over processes;
+- ``mask_to_ids``: the index form of any mask with the same count per row.
 """
 import math
 import random
@@ -15,7 +21,7 @@ import torch
 class RandomMask(NamedTuple):
     ids_keep: torch.Tensor  # (B, K) indices of the visible patches, in shuffled order
     ids_restore: torch.Tensor  # (B, L) inverse permutation: unshuffles [visible, masked]
-    mask: torch.Tensor  # (B, L) float, 1 = hidden, 0 = visible (as MAE and ViTMAE)
+    mask: torch.Tensor  # (B, L) bool, True = hidden
 
 
 def num_visible(num_patches: int, mask_ratio: float) -> int:
@@ -38,11 +44,8 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: Op
         raise ValueError(f"noise must have shape {(batch, num_patches)}, got {tuple(noise.shape)}")
     keep = num_visible(num_patches, mask_ratio)
     ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    mask = torch.ones(batch, num_patches, device=noise.device)
-    mask[:, :keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)
-    return RandomMask(ids_shuffle[:, :keep], ids_restore, mask)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)  # each patch's rank in the noise
+    return RandomMask(ids_shuffle[:, :keep], ids_restore, ids_restore >= keep)
 
 
 def mask_to_ids(mask: torch.Tensor) -> RandomMask:
@@ -56,7 +59,7 @@ def mask_to_ids(mask: torch.Tensor) -> RandomMask:
     # stable sort puts visible (0) before hidden (1) and keeps spatial order within each
     ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
     keep = mask.shape[1] - int(counts[0])
-    return RandomMask(ids_shuffle[:, :keep], torch.argsort(ids_shuffle, dim=1), mask.float())
+    return RandomMask(ids_shuffle[:, :keep], torch.argsort(ids_shuffle, dim=1), mask.bool())
 
 
 def block_mask(grid_h: int, grid_w: int, num_masked: int, *, min_block: int = 16, min_aspect: float = 0.3,
@@ -98,17 +101,51 @@ def block_mask(grid_h: int, grid_w: int, num_masked: int, *, min_block: int = 16
     return flat
 
 
-def block_masking(batch: int, grid_h: int, grid_w: int, mask_ratio: float, *, min_block: int = 16,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Block-wise masks for a batch, (B, L) bool; seeded from ``generator`` when given."""
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-    rng = random.Random(seed)
-    num = grid_h * grid_w - num_visible(grid_h * grid_w, mask_ratio)
-    return torch.stack([block_mask(grid_h, grid_w, num, min_block=min_block, rng=rng) for _ in range(batch)])
-
-
 def grid_masking(batch: int, grid_h: int, grid_w: int, keep_every: int = 2) -> torch.Tensor:
     """MAE's 'grid' ablation: keep one patch in every ``keep_every`` x ``keep_every`` cell (75% for 2)."""
     ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
     keep = (ys % keep_every == 0) & (xs % keep_every == 0)
     return (~keep).flatten().unsqueeze(0).expand(batch, -1).clone()
+
+
+MASKINGS = ("random", "block", "grid")
+
+
+def uniform(rng, batch: int, *shape, device=None) -> torch.Tensor:
+    """The engine's per-step noise (``rng.rand``) when there is one, else ``torch.rand``."""
+    if rng is not None:
+        return rng.rand(batch, *shape).to(device) if device is not None else rng.rand(batch, *shape)
+    return torch.rand(batch, *shape, device=device)
+
+
+def grid_keep_every(mask_ratio: float) -> int:
+    """The grid cell side whose one kept patch hides closest to ``mask_ratio`` (2 for 0.75)."""
+    return max(2, int(round(1 / math.sqrt(max(1e-6, 1 - mask_ratio)))))
+
+
+def default_min_block(num_patches: int) -> int:
+    """BEiT's smallest block is 16 of 196 patches; keep that share on other grids (at least 4)."""
+    return max(4, int(round(16 * num_patches / 196)))
+
+
+def draw_mask(kind: str, batch: int, grid_hw, mask_ratio: float, rng=None, device=None,
+              min_block: Optional[int] = None) -> torch.Tensor:
+    """(B, L) bool, True = hidden, with the same count in every row (so hidden patches can be dropped).
+
+    - ``random``: :func:`random_masking` (MAE's), the ``mask_ratio`` share with the largest noise;
+    - ``block``: BEiT's block-wise algorithm, seeded per sample from the step noise;
+    - ``grid``: keep one patch per k x k cell (k = 2 hides 75%); ``mask_ratio`` picks k.
+    """
+    gh, gw = grid_hw
+    n = gh * gw
+    if kind == "random":
+        return random_masking(batch, n, mask_ratio, noise=uniform(rng, batch, n, device=device)).mask
+    if kind == "block":
+        seeds = (uniform(rng, batch, 1).flatten().double() * (2 ** 31 - 1)).long().tolist()
+        hidden = n - num_visible(n, mask_ratio)
+        mb = default_min_block(n) if min_block is None else min_block
+        masks = [block_mask(gh, gw, hidden, min_block=mb, rng=random.Random(s)) for s in seeds]
+        return torch.stack(masks).to(device)
+    if kind == "grid":
+        return grid_masking(batch, gh, gw, grid_keep_every(mask_ratio)).to(device)
+    raise ValueError(f"unknown masking {kind!r}; choose from {', '.join(MASKINGS)}")

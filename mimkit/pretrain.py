@@ -10,16 +10,20 @@ from .errors import ConfigError
 from .data import check_sample, make_loader, open_images, split_train_val
 from .data.hfdata import dataset_options
 from .engine import TrainResult, effective_lr, fit, seed_everything, setup
-from .objectives import build_objective
+from .objectives import check_objective, get_objective
 
 log = logging.getLogger("mimkit")
 
 
 def pretrain(cfg: PretrainConfig) -> TrainResult:
     """Pretrain on ``cfg.data`` (its training split only) and write everything to ``cfg.output``."""
+    options = check_objective(cfg)  # the objective's name and options, before any work starts
     env = setup(cfg)
     seed_everything(cfg.seed)
-    objective = build_objective(cfg)
+    objective = get_objective(cfg.objective).from_config(cfg, options)
+    if getattr(objective, "mask_ratio", None) is not None:
+        # the config a run records names the ratio it trained at (None on the command line: the paper's)
+        cfg.mask_ratio = float(objective.mask_ratio)
     encoder = objective.encoder
     img_size, patch = encoder.arch["img_size"], encoder.arch["patch_size"]
     if img_size % patch:

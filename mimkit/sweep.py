@@ -104,19 +104,7 @@ def run_values(cfg: SweepConfig, run: dict) -> dict:
     values = _merge(values, run["options"])
     for k, v in run["grid"].items():
         _set(values, k, v)
-    explicit = "mask_ratio" in cfg.base or "mask_ratio" in run["options"] or "mask_ratio" in run["grid"]
-    if explicit and own_ratio(values.get("objective", PretrainConfig.objective)):
-        # objectives whose paper used its own ratio read --mask-ratio only when changed from its default;
-        # a sweep that names a ratio means it, whatever its value
-        args = dict(values.get("objective_args") or {})
-        args.setdefault("mask_ratio", values["mask_ratio"])
-        values["objective_args"] = args
     return values
-
-
-def own_ratio(objective: str) -> bool:
-    from .objectives import OBJECTIVES
-    return "mask_ratio" in (getattr(OBJECTIVES.get(objective), "option_defaults", None) or {})
 
 
 def needs_tokenizer(values: dict) -> bool:
@@ -294,13 +282,10 @@ def shared_tokenizer(cfg: SweepConfig, out: Path, runs: List[dict]) -> Optional[
 # the sweep ----------------------------------------------------------------------------------------------------
 def check_run_options(run: dict, values: dict, out: Path):
     """The run's pretrain options and its objective's option names, as one-line errors naming the run."""
-    from .objectives import OBJECTIVES
-    from .objectives.targets import check_args
+    from .objectives import check_objective
     try:
         cfg = load_config(PretrainConfig, None, {**values, "output": str(out / run["name"] / "pretrain")})
-        defaults = getattr(OBJECTIVES[cfg.objective], "option_defaults", None)
-        if defaults is not None:
-            check_args(cfg.objective, cfg.objective_args, defaults)
+        check_objective(cfg)  # names and values only: a tokenizer path is opened when the run starts
     except ConfigError as e:
         raise ConfigError(f"run {run['name']}: {e}") from None
 

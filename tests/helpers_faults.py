@@ -8,6 +8,7 @@
 * Run as a script, this module is the ``mimkit`` command with ``FaultyObjective`` registered as the objective
   ``faulty`` (its faults come from ``--objective-args``); the subprocess tests drive it like ``mimkit``.
 """
+import dataclasses
 import io
 import os
 import shutil
@@ -19,6 +20,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script (python tests/helpers_faults.py) or under torchrun
     sys.path.insert(0, str(ROOT))
 
+from mimkit.config import opt  # noqa: E402
+from mimkit.objectives.base import ObjectiveOptions  # noqa: E402
 from mimkit.objectives.mae import MAEObjective  # noqa: E402
 
 # the tiny pretraining run every fault test uses: 900 builtin images, 28 steps of 32 an epoch
@@ -113,11 +117,24 @@ class FaultyObjective(MAEObjective):
         self.raise_at, self.raise_rank = raise_at, raise_rank
         self.calls = 0
 
+    description = "MAE with injected faults (tests only)"
+    paper_mask_ratio = 0.75
+
+    @dataclasses.dataclass
+    class Options(ObjectiveOptions):
+        nan_at: Any = opt((), "calls whose loss is NaN")
+        inf_at: Any = opt((), "calls whose loss is +inf")
+        nan_from: int = opt(0, "every call from here on is NaN")
+        sigterm_at: int = opt(0, "the call that sends SIGTERM")
+        sigterm_rank: int = opt(-1, "the rank that sends it (-1: all)")
+        hang_at: int = opt(0, "the call that sleeps forever")
+        raise_at: int = opt(0, "the call that raises")
+        raise_rank: int = opt(-1, "the rank that raises (-1: all)")
+
     @classmethod
-    def from_config(cls, cfg):
-        import dataclasses
-        base = MAEObjective.from_config(dataclasses.replace(cfg, objective_args={}))  # the faults are ours
-        return cls(base.model, **(cfg.objective_args or {}))
+    def from_config(cls, cfg, options=None):
+        base = MAEObjective.from_config(cfg, MAEObjective.Options())  # the faults are ours
+        return cls(base.model, **dataclasses.asdict(options or cls.Options()))
 
     def forward(self, images, labels=None, rng=None):
         self.calls += 1
@@ -139,8 +156,8 @@ class FaultyObjective(MAEObjective):
 
 
 def register_faulty():
-    from mimkit.objectives import OBJECTIVES
-    OBJECTIVES["faulty"] = FaultyObjective
+    from mimkit.objectives import register
+    register(FaultyObjective)
 
 
 def tiny_cfg(tmp_path, **overrides):

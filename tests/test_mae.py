@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mimkit.masking import block_masking, grid_masking, mask_to_ids, num_visible, random_masking
+from mimkit.masking import draw_mask, grid_masking, mask_to_ids, num_visible, random_masking
 from mimkit.models import MaskedAutoencoder, create_encoder, create_mae, patchify, unpatchify
 from mimkit.models.pos_embed import sincos_2d
 
@@ -29,7 +29,7 @@ def test_patchify_order_is_row_major_pixels_then_channels():
 
 def test_random_masking_counts_and_reproducibility():
     m = random_masking(5, 64, 0.75, generator=torch.Generator().manual_seed(1))
-    assert m.mask.sum(1).tolist() == [48.0] * 5
+    assert m.mask.dtype == torch.bool and m.mask.sum(1).tolist() == [48] * 5
     assert m.ids_keep.shape == (5, 16)
     # kept indices are exactly the visible ones
     for b in range(5):
@@ -40,7 +40,7 @@ def test_random_masking_counts_and_reproducibility():
     assert torch.equal(random_masking(5, 64, 0.75, noise=noise).mask, random_masking(5, 64, 0.75, noise=noise).mask)
     # the patches with the lowest noise stay visible
     assert torch.equal(random_masking(1, 4, 0.5, noise=torch.tensor([[0.9, 0.1, 0.5, 0.2]])).mask,
-                       torch.tensor([[1.0, 0.0, 1.0, 0.0]]))
+                       torch.tensor([[True, False, True, False]]))
 
 
 def test_num_visible_truncates_like_mae():
@@ -51,7 +51,7 @@ def test_num_visible_truncates_like_mae():
 
 
 def test_block_and_grid_masks():
-    m = block_masking(4, 14, 14, 0.4, generator=torch.Generator().manual_seed(0))
+    m = draw_mask("block", 4, (14, 14), 0.4)
     assert m.shape == (4, 196) and m.sum(1).tolist() == [196 - num_visible(196, 0.4)] * 4
     g = grid_masking(2, 8, 8)
     assert g.sum(1).tolist() == [48, 48]
@@ -76,7 +76,8 @@ def test_encoder_sees_only_visible_patches():
     # hidden patches do not influence the encoder's output
     m = random_masking(2, 64, 0.75, noise=torch.rand(2, 64))
     y = x.clone()
-    hidden = unpatchify(patchify(y, 4) * (1 - m.mask[..., None]) + 99 * m.mask[..., None], 4)
+    mask = m.mask.float()[..., None]
+    hidden = unpatchify(patchify(y, 4) * (1 - mask) + 99 * mask, 4)
     torch.testing.assert_close(mae.forward_encoder(x, m.ids_keep), mae.forward_encoder(hidden, m.ids_keep))
     assert out.pred.shape == (2, 64, 48)
 
@@ -161,3 +162,24 @@ def test_masked_mse_is_the_mae_loss_and_zero_prediction_its_reference():
     torch.nn.init.zeros_(mae.decoder_pred.bias)
     c = masked_mse(mae, images, seed=3)
     assert abs(c["masked_mse"] - c["zero_prediction_mse"]) < 1e-6
+
+
+def test_one_random_mask_for_mae_and_the_other_objectives():
+    """MAE's forward, draw_mask('random') (the ablations, SimMIM, BEiT's random option) and ViT-MPP's corruption
+    hide the same patches for the same noise: one sampler. A second implementation that ranks noise the other way
+    (or keeps the largest) fails this."""
+    from mimkit.objectives.vit_mpp import corrupt
+
+    class Noise:
+        def __init__(self, n):
+            self.n = n
+
+        def rand(self, batch, *shape):
+            return self.n
+
+    mae = create_mae("vit_micro_patch4_32", decoder_depth=1, decoder_dim=32, decoder_heads=2)
+    x, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 64)
+    with torch.no_grad():
+        hidden = mae(x, noise=noise).mask.bool()
+    assert torch.equal(draw_mask("random", 3, (8, 8), 0.75, Noise(noise)), hidden)
+    assert torch.equal(corrupt(noise, torch.zeros(3, 64), 0.75, 0.8, 0.1)[0], hidden)

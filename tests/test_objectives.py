@@ -13,13 +13,15 @@ from mimkit.masking import num_visible
 from mimkit.models import MaskedAutoencoder, MaskedViT, patchify
 from mimkit.objectives import OBJECTIVES, build_objective
 from mimkit.objectives.beit import BEiTObjective
-from mimkit.objectives.igpt import IGPTObjective, PixelTransformer
+from mimkit.models.igpt import Palette, PixelTransformer
+from mimkit.models.pixels import from_unit, to_unit
+from mimkit.objectives.igpt import IGPTObjective
 from mimkit.objectives.mae import MAEObjective
 from mimkit.objectives.simmim import SimMIMObjective
-from mimkit.objectives.targets import (Palette, PCATarget, draw_mask, from_unit, mean_colour_classes, mosaic_classes,
-                                       pixel_target, to_unit)
+from mimkit.masking import draw_mask
+from mimkit.objectives.targets import PCATarget, mean_colour_classes, mosaic_classes, pixel_target
 from mimkit.objectives.vit_mpp import KEEP, MASK, RANDOM, ViTMPPObjective, corrupt
-from mimkit.tokenizer import VQTokenizer, load_tokenizer, save_tokenizer
+from mimkit.models.tokenizer import VQTokenizer, load_tokenizer, save_tokenizer
 
 torch.set_num_threads(1)
 
@@ -305,16 +307,21 @@ def cfg(**kw):
 
 
 @pytest.mark.parametrize("objective,args,message", [
-    ("vit_mpp", {"tgt": "mosaic"}, "--objective-args: unknown key 'tgt' for objective vit_mpp (valid: target,"),
-    ("vit_mpp", {"target": "colour"}, "target for objective vit_mpp must be one of mean_colour, mosaic, pixels"),
+    ("vit_mpp", {"tgt": "mosaic"}, "--objective-args: unknown option tgt; did you mean target? (objective vit_mpp)"),
+    ("vit_mpp", {"target": "colour"}, "--objective-args: target must be one of mean_colour, mosaic, pixels; got 'colour' "
+                                      "(objective vit_mpp)"),
+    ("vit_mpp", {"mask_prob": 0.5, "random_prob": 0.6}, "mask_prob + random_prob must be <= 1 (objective vit_mpp)"),
+    ("beit", {"mask_ratio": 1.5}, "--objective-args: mask_ratio must be in (0, 1), got 1.5 (objective beit)"),
     ("vit_mpp", {"target": "mosaic", "mosaic_size": 3}, "mosaic_size 3 must divide the patch size 4"),
     ("beit", {}, "objective beit needs tokenizer: PATH"),
     ("beit", {"tokenizer": "/nonexistent/tok.pt"}, "tokenizer: no such checkpoint"),
-    ("mae", {"masking": "blocks"}, "masking for objective mae must be one of random, block, grid"),
-    ("mae", {"mask_token_in_encoder": "yes"}, "mask_token_in_encoder for objective mae must be true or false"),
+    ("mae", {"masking": "blocks"}, "masking must be one of random, block, grid; got 'blocks' (objective mae)"),
+    ("mae", {"mask_token_in_encoder": "maybe"}, "mask_token_in_encoder must be true or false, got 'maybe' (objective mae)"),
+    ("mae", {"pca_images": 2.5}, "pca_images must be an integer, got 2.5 (objective mae)"),
     ("mae", {"target": "tokens"}, "objective mae needs tokenizer: PATH"),
-    ("simmim", {"loss": "l3"}, "loss for objective simmim must be one of l1, l2"),
-    ("igpt", {"mode": "gpt"}, "mode for objective igpt must be one of ar, bert"),
+    ("simmim", {"loss": "l3"}, "loss must be one of l1, l2; got 'l3' (objective simmim)"),
+    ("igpt", {"mode": "gpt"}, "mode must be one of ar, bert; got 'gpt' (objective igpt)"),
+    ("maee", {}, "--objective must be one of beit, igpt, mae, simmim, vit_mpp; got 'maee' (did you mean mae?)"),
     ("igpt", {"resolution": 5}, "resolution 5 for objective igpt must divide the image size 32"),
 ])
 def test_bad_objective_args_are_one_line_errors(objective, args, message):
@@ -372,4 +379,4 @@ def test_cli_tokenizer_then_every_objective_pretrains_and_evaluates(tmp_path, ca
         assert 0 <= res["top1"] <= 100
     assert cli(["pretrain", "--objective", "vit_mpp", "--objective-args", "{tgt: mosaic}",
                 "--output", str(tmp_path / "bad")] + COMMON) == 2
-    assert "unknown key 'tgt' for objective vit_mpp" in capsys.readouterr().err
+    assert "unknown option tgt; did you mean target? (objective vit_mpp)" in capsys.readouterr().err

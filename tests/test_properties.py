@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mimkit.masking import (block_mask, block_masking, grid_masking, mask_to_ids, num_visible, random_masking)
+from mimkit.masking import (block_mask, draw_mask, grid_masking, mask_to_ids, num_visible, random_masking)
 from mimkit.models import patchify, unpatchify
 
 torch.set_num_threads(1)
@@ -75,7 +75,7 @@ def test_random_masking_invariants(b, n, r, seed):
     keep = num_visible(n, r)
     assert 1 <= keep <= n and keep == max(1, int(n * (1 - r)))
     assert m.ids_keep.shape == (b, keep) and m.ids_restore.shape == (b, n) and m.mask.shape == (b, n)
-    assert torch.equal(m.mask.sum(1), torch.full((b,), float(n - keep)))
+    assert m.mask.dtype == torch.bool and torch.equal(m.mask.sum(1), torch.full((b,), n - keep))
     # ids_restore inverts the shuffle; the kept ones are the visible ones and the lowest-noise ones
     shuffle = torch.argsort(noise, dim=1)
     assert torch.equal(torch.gather(shuffle, 1, m.ids_restore), torch.arange(n).expand(b, n))
@@ -83,7 +83,7 @@ def test_random_masking_invariants(b, n, r, seed):
         visible = set((m.mask[i] == 0).nonzero().flatten().tolist())
         assert set(m.ids_keep[i].tolist()) == visible
         if keep < n:
-            assert noise[i, m.ids_keep[i]].max() <= noise[i, m.mask[i].bool()].min()
+            assert noise[i, m.ids_keep[i]].max() <= noise[i, m.mask[i]].min()
     # the same noise, the same mask
     assert torch.equal(random_masking(b, n, r, noise=noise.clone()).mask, m.mask)
 
@@ -134,15 +134,26 @@ def test_mask_to_ids_rejects_unequal_counts_clearly(n, seed):
         mask_to_ids(mask)
 
 
+class FixedNoise:
+    """Stands in for the engine's per-step noise (``rng.rand(batch, *shape)``)."""
+
+    def __init__(self, noise):
+        self.noise = noise
+
+    def rand(self, batch, *shape):
+        return self.noise
+
+
 @FAST
 @given(b=st.integers(1, 3), gh=st.integers(1, 14), gw=st.integers(1, 14), r=ratios,
        min_block=st.integers(1, 20), seed=st.integers(0, 2**31))
 def test_block_masking_hides_exactly_the_asked_number(b, gh, gw, r, min_block, seed):
-    m = block_masking(b, gh, gw, r, min_block=min_block, generator=torch.Generator().manual_seed(seed))
+    noise = torch.rand(b, 1, generator=torch.Generator().manual_seed(seed))
+    m = draw_mask("block", b, (gh, gw), r, FixedNoise(noise), min_block=min_block)
     n = gh * gw
     assert m.shape == (b, n) and m.dtype == torch.bool
     assert m.sum(1).tolist() == [n - num_visible(n, r)] * b
-    again = block_masking(b, gh, gw, r, min_block=min_block, generator=torch.Generator().manual_seed(seed))
+    again = draw_mask("block", b, (gh, gw), r, FixedNoise(noise.clone()), min_block=min_block)
     assert torch.equal(m, again)
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .decode import decode_tensor, load_image, pil_to_tensor, read_bytes
 from ..errors import BadImage, DataError
-from .source import ImageSource, open_images
+from .source import ImageSource, open_images, split_train_val
 from .transforms import AUGS, RECIPES, BatchAugment, build_transform
 
 log = logging.getLogger(__name__)
@@ -418,3 +418,18 @@ def benchmark_loader(loader, n_batches: int) -> float:
     if torch.device(loader.device).type == "cuda":
         torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def fit_images(data: str, val_fraction: float, num_images: int, img_size: int) -> torch.Tensor:
+    """Up to ``num_images`` normalised training images (the training split of ``data``, evenly spread over it,
+    no augmentation), on the CPU: what palettes and PCA bases are fitted on. Every process gets the same ones."""
+    source = open_images(data)
+    train_idx, _ = split_train_val(source, val_fraction)
+    if not train_idx:
+        raise DataError(f"--data {data}: no training images to fit on")
+    step = max(1, len(train_idx) // num_images)
+    chosen = train_idx[::step][:num_images]
+    loader = make_loader(source, chosen, batch_size=256, recipe="eval", img_size=img_size, shuffle=False,
+                         num_workers=0, cache="off", device="cpu")
+    return torch.cat([images for images, _ in loader])

@@ -20,7 +20,7 @@ from .vit import Attention, MaskedViT
 class MAEOutput(NamedTuple):
     loss: torch.Tensor  # scalar: MSE over the hidden patches
     pred: torch.Tensor  # (B, L, p*p*3) predicted pixels (normalised per patch when norm_pix_loss)
-    mask: torch.Tensor  # (B, L) 1 = hidden
+    mask: torch.Tensor  # (B, L) float, 1 = hidden (as the official MAE and ViTMAE return it)
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
@@ -30,6 +30,11 @@ def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
         raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
     x = imgs.reshape(b, c, h // p, p, w // p, p)
     return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def normalize_patches(t: torch.Tensor) -> torch.Tensor:
+    """Each (..., D) patch by its own mean and (unbiased) variance: MAE's normalised-pixel target."""
+    return (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
 
 
 def unpatchify(x: torch.Tensor, p: int, grid_hw=None, channels: int = 3) -> torch.Tensor:
@@ -110,12 +115,11 @@ class MaskedAutoencoder(nn.Module):
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
         """Pixels per patch, normalised by each patch's own mean and (unbiased) variance when norm_pix_loss."""
         t = self.patchify(imgs)
-        if self.norm_pix_loss:
-            t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
-        return t
+        return normalize_patches(t) if self.norm_pix_loss else t
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over the hidden patches only."""
+        """Mean squared error over the hidden patches only (``mask``: (B, L), 1 or True = hidden)."""
+        mask = mask.float()
         per_patch = (pred.float() - self.target(imgs).float()).pow(2).mean(-1)
         return (per_patch * mask).sum() / mask.sum()
 
@@ -125,7 +129,8 @@ class MaskedAutoencoder(nn.Module):
         m = self.random_masking(imgs, ratio, noise=noise, generator=generator)
         latent = self.forward_encoder(imgs, m.ids_keep)
         pred = self.forward_decoder(latent, m.ids_restore, self._grid(imgs))
-        return MAEOutput(self.forward_loss(imgs, pred, m.mask), pred, m.mask)
+        mask = m.mask.float()
+        return MAEOutput(self.forward_loss(imgs, pred, mask), pred, mask)
 
     # helpers -----------------------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True):

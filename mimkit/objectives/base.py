@@ -1,13 +1,104 @@
-"""What the objectives that feed a learned mask token to the encoder share (SimMIM, ViT-MPP, BEiT).
+"""What every objective shares: its options, the mask ratio rule, the encoder factory and mask-token encoding.
 
-An ``encoder`` (a ``MaskedViT``), one ``mask_token`` (1, 1, D) and a linear ``head`` over the encoder's
-output tokens, initialised as MAE initialises its own. The attribute names are the checkpoints' key names
-(``encoder.*``, ``mask_token``, ``head.weight``, ``head.bias``): renaming one breaks existing checkpoints.
+- ``ObjectiveOptions``: the base of each objective's ``Options`` dataclass; its fields are ``mimkit.config.opt``
+  fields, parsed from ``objective_args`` by the same machinery as command options (``config.build_options``);
+- ``resolve_mask_ratio``: ``objective_args.mask_ratio``, else ``--mask-ratio``, else the objective's paper value;
+- ``make_encoder`` / ``init_like_mae``: the ``--model`` encoder, initialised as MAE initialises its own;
+- ``encode_with_mask_tokens`` / ``masked_mean``: the encoder over every position with hidden ones as a mask token;
+- ``MaskTokenObjective``: the encoder + mask token + linear head that SimMIM, ViT-MPP and BEiT share.
+
+``MaskTokenObjective``'s attribute names are the checkpoints' key names (``encoder.*``, ``mask_token``,
+``head.weight``, ``head.bias``): renaming one breaks existing checkpoints.
 """
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
-from ..models import MaskedViT
+from ..errors import ConfigError
+from ..models import MaskedViT, create_encoder
+
+
+@dataclass
+class ObjectiveOptions:
+    """An objective's ``objective_args``: subclass it with ``config.opt(default, help)`` fields and a ``validate()``
+    that raises ``ConfigError`` naming the key (the registry prefixes ``--objective-args:`` and the objective)."""
+
+    def validate(self):
+        pass
+
+
+def check_fraction(options, *names):
+    """Each named option is None or a number in (0, 1)."""
+    for n in names:
+        v = getattr(options, n)
+        if v is not None and not 0 < v < 1:
+            raise ConfigError(f"{n} must be in (0, 1), got {v}")
+
+
+def check_positive(options, *names):
+    """Each named option is None or an integer >= 1."""
+    for n in names:
+        v = getattr(options, n)
+        if v is not None and v < 1:
+            raise ConfigError(f"{n} must be >= 1, got {v}")
+
+
+def resolve_mask_ratio(cfg, option: Optional[float], paper: float) -> float:
+    """The ratio an objective trains at: ``objective_args.mask_ratio`` (``option``) if given, else ``--mask-ratio``
+    if given, else the objective's paper value. Given both, they must agree: neither silently replaces the other."""
+    if option is not None and cfg.mask_ratio is not None and option != cfg.mask_ratio:
+        raise ConfigError(f"--mask-ratio {cfg.mask_ratio} and --objective-args mask_ratio {option} disagree; "
+                          f"give one")
+    for value in (option, cfg.mask_ratio):
+        if value is not None:
+            return float(value)
+    return float(paper)
+
+
+def make_encoder(cfg):
+    """The ``--model`` preset at ``--img-size`` (0: the preset's), initialised as MAE initialises its encoder,
+    so every objective starts from the same weights distribution."""
+    try:
+        encoder = create_encoder(cfg.model, **({"img_size": cfg.img_size} if cfg.img_size else {}))
+    except ValueError as e:
+        raise ConfigError(f"--model: {e}") from None
+    return init_like_mae(encoder)
+
+
+def init_like_mae(module: nn.Module) -> nn.Module:
+    """Xavier-uniform linears (a ViT's patch projection seen as a linear), zero biases, unit norms, N(0, .02) tokens."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    pe = getattr(module, "patch_embed", None)
+    if pe is not None:
+        w = pe.proj.weight
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+    if getattr(module, "cls_token", None) is not None:
+        nn.init.normal_(module.cls_token, std=0.02)
+    return module
+
+
+def encode_with_mask_tokens(encoder, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor,
+                            tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Run ``encoder`` over every position with hidden patches replaced by ``mask_token``: (B, 1 + L, D)."""
+    t = encoder.patch_tokens(images) if tokens is None else tokens
+    t = torch.where(mask[..., None], mask_token.to(t.dtype), t)
+    grid = (images.shape[-2] // encoder.patch_size, images.shape[-1] // encoder.patch_size)
+    return encoder.forward_tokens(t, grid_hw=grid)
+
+
+def masked_mean(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, L) values over the positions where ``mask`` is True."""
+    m = mask.float()
+    return (per_position * m).sum() / m.sum().clamp_min(1)
 
 
 class MaskTokenObjective(nn.Module):

@@ -8,26 +8,40 @@ each hidden patch. The frozen tokenizer is kept inside the objective (and its ch
 checkpoint is complete on its own.
 
 objective_args: ``tokenizer`` (path: a ``tokenizer.pt``, its training folder or checkpoint; required);
-``mask_ratio`` (0.4; ``--mask-ratio`` when changed from its default); ``masking`` block | random;
+``mask_ratio`` (default ``--mask-ratio``, else 0.4); ``masking`` block | random;
 ``min_block`` (smallest block in patches; BEiT's 16 of 196, scaled to the grid).
 """
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..config import opt
+from ..errors import CheckpointError, ConfigError
+from ..masking import draw_mask
 from ..models import MaskedViT
-from .base import MaskTokenObjective
-from .targets import (check_args, check_choice, check_fraction, check_int, draw_mask, encode_with_mask_tokens,
-                      make_encoder, masked_mean, resolve_ratio)
+from ..models.tokenizer import VQTokenizer, freeze, load_tokenizer, tokenizer_grid_matches
+from .base import (MaskTokenObjective, ObjectiveOptions, check_fraction, check_positive, encode_with_mask_tokens,
+                   make_encoder, masked_mean, resolve_mask_ratio)
 
-DEFAULTS = dict(tokenizer=None, mask_ratio=None, masking="block", min_block=None)
+
+@dataclass
+class BEiTOptions(ObjectiveOptions):
+    tokenizer: Optional[str] = opt(None, "a `mimkit tokenizer train` tokenizer: its tokenizer.pt, folder or "
+                                   "checkpoint (required)")
+    mask_ratio: Optional[float] = opt(None, "fraction hidden (default: --mask-ratio, else BEiT's 0.4)")
+    masking: str = opt("block", "block (BEiT's) | random", ["block", "random"])
+    min_block: Optional[int] = opt(None, "smallest block in patches (BEiT's 16 of 196, scaled to the grid)")
+
+    def validate(self):
+        check_fraction(self, "mask_ratio")
+        check_positive(self, "min_block")
 
 
 def open_tokenizer(objective: str, path):
     """The frozen tokenizer named by ``objective_args.tokenizer``; a missing or bad one is a one-line ConfigError."""
-    from ..errors import CheckpointError
-    from ..tokenizer import load_tokenizer
     if not path:
         raise ConfigError(f"--objective-args: objective {objective} needs tokenizer: PATH "
                           f"(train one with `mimkit tokenizer train --data ... --output ...`)")
@@ -42,7 +56,6 @@ class FrozenTokenizer(nn.Module):
 
     def __init__(self, tokenizer):
         super().__init__()
-        from ..tokenizer import freeze
         self.tokenizer = freeze(tokenizer)
 
     def train(self, mode: bool = True):
@@ -56,11 +69,12 @@ class FrozenTokenizer(nn.Module):
 
 class BEiTObjective(MaskTokenObjective):
     name = "beit"
-    option_defaults = DEFAULTS  # objective_args and their defaults
+    description = "BEiT (Bao et al. 2021): predict a trained VQ tokenizer's ids at block-wise masked patches"
+    paper_mask_ratio = 0.4
+    Options = BEiTOptions
 
     def __init__(self, encoder: MaskedViT, tokenizer_arch: dict, mask_ratio: float = 0.4, masking: str = "block",
                  min_block=None, tokenizer=None):
-        from ..tokenizer import VQTokenizer
         # made before super().__init__: a fresh tokenizer draws its random weights ahead of the head's, the order
         # seeded runs have always drawn them in
         frozen = FrozenTokenizer(tokenizer if tokenizer is not None else VQTokenizer.build(tokenizer_arch))
@@ -71,21 +85,15 @@ class BEiTObjective(MaskTokenObjective):
         self.tokenizer = frozen
 
     @classmethod
-    def from_config(cls, cfg) -> "BEiTObjective":
-        from ..tokenizer import tokenizer_grid_matches
-        args = check_args(cls.name, cfg.objective_args, DEFAULTS)
-        check_choice(cls.name, "masking", args["masking"], ("block", "random"))
-        ratio = resolve_ratio(cfg, args, 0.4)
-        check_fraction(cls.name, "mask_ratio", ratio)
-        if args["min_block"] is not None:
-            check_int(cls.name, "min_block", args["min_block"])
-        tok = open_tokenizer(cls.name, args["tokenizer"])
+    def from_config(cls, cfg, options: BEiTOptions) -> "BEiTObjective":
+        ratio = resolve_mask_ratio(cfg, options.mask_ratio, cls.paper_mask_ratio)
+        tok = open_tokenizer(cls.name, options.tokenizer)
         encoder = make_encoder(cfg)
         bad = tokenizer_grid_matches(tok, encoder)
         if bad:
             raise ConfigError(f"--objective-args: tokenizer: {bad}")
-        return cls(encoder, dict(tok.arch), mask_ratio=float(ratio), masking=args["masking"],
-                   min_block=args["min_block"], tokenizer=tok)
+        return cls(encoder, dict(tok.arch), mask_ratio=ratio, masking=options.masking, min_block=options.min_block,
+                   tokenizer=tok)
 
     def forward(self, images, labels=None, rng=None):
         p = self.encoder.patch_size

@@ -12,24 +12,54 @@ augmentation ``--aug``, the ratio ``--mask-ratio``):
 
 With all defaults the objective is exactly ``MaskedAutoencoder.forward``.
 """
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import opt
+from ..data import fit_images
 from ..errors import ConfigError
-from ..masking import mask_to_ids
+from ..masking import MASKINGS, draw_mask, mask_to_ids
 from ..models import MaskedAutoencoder, create_mae, patchify
-from .targets import (MASKINGS, PCATarget, check_args, check_bool, check_choice, check_int, draw_mask,
-                      encode_with_mask_tokens, fit_images, masked_mean)
+from ..models.presets import ENCODERS
+from ..models.tokenizer import VQTokenizer, tokenizer_grid_matches
+from .base import ObjectiveOptions, check_positive, encode_with_mask_tokens, masked_mean, resolve_mask_ratio
+from .beit import FrozenTokenizer, open_tokenizer
+from .targets import PCATarget
 
 TARGETS = ("pixels", "norm_pixels", "pca", "tokens")
-DEFAULTS = dict(target=None, masking="random", mask_token_in_encoder=False, tokenizer=None, pca_components=None,
-                pca_images=2000, min_block=None)
+
+
+@dataclass
+class MAEOptions(ObjectiveOptions):
+    target: Optional[str] = opt(None, "pixels | norm_pixels | pca | tokens (default: norm_pixels with "
+                                "--norm-pix-loss, else pixels)", [None, *TARGETS])
+    masking: str = opt("random", "random (MAE's) | block (BEiT's) | grid (keep one patch per k x k cell)",
+                       list(MASKINGS))
+    mask_token_in_encoder: bool = opt(False, "the encoder sees every position, hidden ones as a learned mask token")
+    tokenizer: Optional[str] = opt(None, "target tokens: a `mimkit tokenizer train` tokenizer (path)")
+    pca_components: Optional[int] = opt(None, "target pca: principal components kept (default: an eighth of a "
+                                        "patch's pixel values, as MAE's 96 of 768)")
+    pca_images: int = opt(2000, "target pca: training images the basis is fitted on")
+    min_block: Optional[int] = opt(None, "masking block: smallest block in patches (BEiT's 16 of 196, scaled)")
+
+    def validate(self):
+        check_positive(self, "pca_components", "pca_images", "min_block")
+        if self.tokenizer and self.target != "tokens":
+            raise ConfigError("tokenizer is used only with target: tokens")
+
+
+DEFAULTS = {k: v.default for k, v in MAEOptions.__dataclass_fields__.items()}
 
 
 class MAEObjective(nn.Module):
     name = "mae"
-    option_defaults = DEFAULTS  # objective_args (the Table 1 ablations) and their defaults
+    description = "MAE (He et al. 2021): visible patches only in the encoder, a light decoder regresses pixels"
+    paper_mask_ratio = 0.75
+    Options = MAEOptions  # objective_args: the paper's Table 1 ablations
 
     def __init__(self, model: MaskedAutoencoder, target: str = None, masking: str = "random",
                  mask_token_in_encoder: bool = False, pca_components: int = None, tokenizer_arch: dict = None,
@@ -50,8 +80,6 @@ class MAEObjective(nn.Module):
             self.pca = PCATarget(model.patch_size ** 2 * 3, pca_components)
             self.ablation.update(target="pca", pca_components=pca_components)
         elif self.target == "tokens":
-            from ..tokenizer import VQTokenizer
-            from .beit import FrozenTokenizer
             self.tokenizer = FrozenTokenizer(tokenizer if tokenizer is not None else VQTokenizer.build(tokenizer_arch))
             self.ablation.update(target="tokens", tokenizer_arch=dict(tokenizer_arch))
 
@@ -73,47 +101,39 @@ class MAEObjective(nn.Module):
         return cls(MaskedAutoencoder.from_arch(arch), **arch.get("ablation", {}))
 
     @classmethod
-    def from_config(cls, cfg) -> "MAEObjective":
+    def from_config(cls, cfg, options: MAEOptions) -> "MAEObjective":
         extra = {"img_size": cfg.img_size} if cfg.img_size else {}
-        args = check_args("mae", cfg.objective_args, DEFAULTS)
-        target = args["target"] or ("norm_pixels" if cfg.norm_pix_loss else "pixels")
-        check_choice("mae", "target", target, TARGETS)
-        check_choice("mae", "masking", args["masking"], MASKINGS)
-        check_bool("mae", "mask_token_in_encoder", args["mask_token_in_encoder"])
-        for key in ("pca_components", "min_block"):
-            if args[key] is not None:
-                check_int("mae", key, args[key])
-        check_int("mae", "pca_images", args["pca_images"])
-        if target != "tokens" and args["tokenizer"]:
-            raise ConfigError("--objective-args: tokenizer for objective mae is used only with target: tokens")
-        tok, pred_dim = None, None
+        target = options.target or ("norm_pixels" if cfg.norm_pix_loss else "pixels")
+        tok, pred_dim, pca_components = None, None, options.pca_components
         if target == "tokens":
-            from .beit import open_tokenizer
-            tok = open_tokenizer("mae", args["tokenizer"])
+            tok = open_tokenizer("mae", options.tokenizer)
             pred_dim = tok.codebook_size
         elif target == "pca":  # MAE kept 96 of 768 dimensions at patch 16: an eighth
-            from ..models.presets import ENCODERS
             patch_dim = ENCODERS[cfg.model]["patch_size"] ** 2 * 3
-            pred_dim = args["pca_components"] = args["pca_components"] or max(1, patch_dim // 8)
+            pred_dim = pca_components = pca_components or max(1, patch_dim // 8)
             if pred_dim > patch_dim:
                 raise ConfigError(f"--objective-args: pca_components {pred_dim} for objective mae exceeds the "
                                   f"{patch_dim} pixel values of a patch")
         norm_pix = target == "norm_pixels" if target in ("pixels", "norm_pixels") else cfg.norm_pix_loss
         model = create_mae(cfg.model, decoder_dim=cfg.decoder_dim or None, decoder_depth=cfg.decoder_depth or None,
-                           decoder_heads=cfg.decoder_heads or None, mask_ratio=cfg.mask_ratio,
+                           decoder_heads=cfg.decoder_heads or None,
+                           mask_ratio=resolve_mask_ratio(cfg, None, cls.paper_mask_ratio),
                            norm_pix_loss=norm_pix, pred_dim=pred_dim, **extra)
         if tok is not None:
-            from ..tokenizer import tokenizer_grid_matches
             bad = tokenizer_grid_matches(tok, model.encoder)
             if bad:
                 raise ConfigError(f"--objective-args: tokenizer: {bad}")
-        obj = cls(model, target=target, masking=args["masking"], mask_token_in_encoder=args["mask_token_in_encoder"],
-                  pca_components=args["pca_components"], tokenizer_arch=dict(tok.arch) if tok else None,
-                  min_block=args["min_block"], tokenizer=tok)
+        obj = cls(model, target=target, masking=options.masking, mask_token_in_encoder=options.mask_token_in_encoder,
+                  pca_components=pca_components, tokenizer_arch=dict(tok.arch) if tok else None,
+                  min_block=options.min_block, tokenizer=tok)
         if obj.pca is not None:
-            images = fit_images(cfg, args["pca_images"], model.encoder.arch["img_size"])
+            images = fit_images(cfg.data, cfg.val_fraction, options.pca_images, model.encoder.arch["img_size"])
             obj.pca.fit(patchify(images, model.patch_size))
         return obj
+
+    @property
+    def mask_ratio(self) -> float:
+        return self.model.mask_ratio
 
     def forward(self, images, labels=None, rng=None):
         if self.ablation:

@@ -6,22 +6,41 @@ This is the "an encoder given mask tokens is MAE's decoder" variant: no separate
 position costs encoder compute.
 
 objective_args: ``target`` pixels | norm_pixels (per-patch normalised, as MAE's default);
-``loss`` l1 (SimMIM's) | l2; ``masking`` random | block; ``mask_ratio`` (default ``--mask-ratio``);
+``loss`` l1 (SimMIM's) | l2; ``masking`` random | block; ``mask_ratio`` (default ``--mask-ratio``, else 0.75);
 ``min_block`` (block masking's smallest block, in patches).
 """
+from dataclasses import dataclass
+from typing import Optional
+
 import torch.nn.functional as F
 
+from ..config import opt
+from ..masking import draw_mask
 from ..models import MaskedViT
-from .base import MaskTokenObjective
-from .targets import (check_args, check_choice, check_fraction, check_int, draw_mask, encode_with_mask_tokens,
-                      make_encoder, masked_mean, pixel_target)
+from .base import (MaskTokenObjective, ObjectiveOptions, check_fraction, check_positive, encode_with_mask_tokens,
+                   make_encoder, masked_mean, resolve_mask_ratio)
+from .targets import pixel_target
 
-DEFAULTS = dict(target="pixels", loss="l1", masking="random", mask_ratio=None, min_block=None)
+
+@dataclass
+class SimMIMOptions(ObjectiveOptions):
+    target: str = opt("pixels", "pixels | norm_pixels (per-patch normalised, as MAE's default)",
+                      ["pixels", "norm_pixels"])
+    loss: str = opt("l1", "l1 (SimMIM's) | l2", ["l1", "l2"])
+    masking: str = opt("random", "random | block", ["random", "block"])
+    mask_ratio: Optional[float] = opt(None, "fraction hidden (default: --mask-ratio, else 0.75)")
+    min_block: Optional[int] = opt(None, "masking block: smallest block in patches")
+
+    def validate(self):
+        check_fraction(self, "mask_ratio")
+        check_positive(self, "min_block")
 
 
 class SimMIMObjective(MaskTokenObjective):
     name = "simmim"
-    option_defaults = DEFAULTS  # objective_args and their defaults
+    description = "SimMIM (Xie et al. 2021): mask tokens in the encoder, a linear head regresses pixels"
+    paper_mask_ratio = 0.75  # mimkit's default for it so far (SimMIM's paper used 0.6 with 32 px mask patches)
+    Options = SimMIMOptions
 
     def __init__(self, encoder: MaskedViT, mask_ratio: float = 0.6, target: str = "pixels", loss: str = "l1",
                  masking: str = "random", min_block=None):
@@ -31,17 +50,9 @@ class SimMIMObjective(MaskTokenObjective):
         self.mask_ratio, self.target, self.loss, self.masking, self.min_block = mask_ratio, target, loss, masking, min_block
 
     @classmethod
-    def from_config(cls, cfg) -> "SimMIMObjective":
-        args = check_args(cls.name, cfg.objective_args, DEFAULTS)
-        check_choice(cls.name, "target", args["target"], ("pixels", "norm_pixels"))
-        check_choice(cls.name, "loss", args["loss"], ("l1", "l2"))
-        check_choice(cls.name, "masking", args["masking"], ("random", "block"))
-        ratio = cfg.mask_ratio if args["mask_ratio"] is None else args["mask_ratio"]
-        check_fraction(cls.name, "mask_ratio", ratio)
-        if args["min_block"] is not None:
-            check_int(cls.name, "min_block", args["min_block"])
-        return cls(make_encoder(cfg), mask_ratio=float(ratio), target=args["target"], loss=args["loss"],
-                   masking=args["masking"], min_block=args["min_block"])
+    def from_config(cls, cfg, options: SimMIMOptions) -> "SimMIMObjective":
+        return cls(make_encoder(cfg), mask_ratio=resolve_mask_ratio(cfg, options.mask_ratio, cls.paper_mask_ratio),
+                   target=options.target, loss=options.loss, masking=options.masking, min_block=options.min_block)
 
     def forward(self, images, labels=None, rng=None):
         p = self.encoder.patch_size

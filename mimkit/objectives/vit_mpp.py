@@ -8,21 +8,45 @@ full sequence; a linear head predicts, for every corrupted patch, one of three t
 - ``mosaic``: a 4x4 downsized version at 3 bits per channel, 48 predictions of 8 classes;
 - ``pixels``: all its pixels, regressed with L2.
 
-objective_args: ``target``; ``mask_ratio`` (share corrupted, 0.5); ``mask_prob`` (0.8) and
+objective_args: ``target``; ``mask_ratio`` (share corrupted; default ``--mask-ratio``, else 0.5); ``mask_prob`` (0.8) and
 ``random_prob`` (0.1) of the corrupted; ``bits`` (3); ``mosaic_size`` (4, must divide the patch size).
 """
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
+from ..config import opt
 from ..errors import ConfigError
-from ..masking import num_visible
+from ..masking import random_masking, uniform
 from ..models import MaskedViT
-from .base import MaskTokenObjective
-from .targets import (check_args, check_choice, check_fraction, check_int, make_encoder, masked_mean,
-                      mean_colour_classes, mosaic_classes, pixel_target, resolve_ratio, uniform)
+from .base import MaskTokenObjective, ObjectiveOptions, check_fraction, check_positive, make_encoder, masked_mean, \
+    resolve_mask_ratio
+from .targets import mean_colour_classes, mosaic_classes, pixel_target
 
 TARGETS = ("mean_colour", "mosaic", "pixels")
-DEFAULTS = dict(target="mean_colour", mask_ratio=None, mask_prob=0.8, random_prob=0.1, bits=3, mosaic_size=4)
+
+
+@dataclass
+class ViTMPPOptions(ObjectiveOptions):
+    target: str = opt("mean_colour", "mean_colour (512 classes, the paper's best) | mosaic (4x4 at 3 bits) | pixels",
+                      list(TARGETS))
+    mask_ratio: Optional[float] = opt(None, "share of patches corrupted (default: --mask-ratio, else the paper's 0.5)")
+    mask_prob: float = opt(0.8, "of the corrupted: share given the mask embedding")
+    random_prob: float = opt(0.1, "of the corrupted: share given another random patch's embedding")
+    bits: int = opt(3, "bits per colour channel of the targets")
+    mosaic_size: int = opt(4, "target mosaic: side of the downsized patch (must divide the patch size)")
+
+    def validate(self):
+        check_fraction(self, "mask_ratio")
+        for key in ("mask_prob", "random_prob"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.mask_prob + self.random_prob > 1:
+            raise ConfigError("mask_prob + random_prob must be <= 1")
+        check_positive(self, "bits", "mosaic_size")
+
 
 # what each patch gets: kept as is, the mask embedding, another random patch's embedding
 KEEP, MASK, RANDOM = 0, 1, 2
@@ -32,16 +56,16 @@ def corrupt(u_select: torch.Tensor, u_kind: torch.Tensor, ratio: float, mask_pro
     """From (B, L) uniform noise: ``corrupted`` (B, L) bool, exactly the ``ratio`` share per image, and
     ``kind`` (B, L) long in {KEEP, MASK, RANDOM}, drawn per corrupted patch with probabilities
     (1 - mask_prob - random_prob, mask_prob, random_prob); KEEP for the untouched patches."""
-    n = u_select.shape[1]
-    keep = num_visible(n, ratio)
-    corrupted = u_select.argsort(1).argsort(1) >= keep
+    corrupted = random_masking(*u_select.shape, ratio, noise=u_select).mask
     kind = torch.where(u_kind < mask_prob, MASK, torch.where(u_kind < mask_prob + random_prob, RANDOM, KEEP))
     return corrupted, torch.where(corrupted, kind, KEEP)
 
 
 class ViTMPPObjective(MaskTokenObjective):
     name = "vit_mpp"
-    option_defaults = DEFAULTS  # objective_args and their defaults
+    description = "ViT's masked patch prediction (Dosovitskiy et al. 2020): BERT-style corruption, 3-bit colour targets"
+    paper_mask_ratio = 0.5
+    Options = ViTMPPOptions
 
     def __init__(self, encoder: MaskedViT, target: str = "mean_colour", mask_ratio: float = 0.5,
                  mask_prob: float = 0.8, random_prob: float = 0.1, bits: int = 3, mosaic_size: int = 4):
@@ -54,25 +78,14 @@ class ViTMPPObjective(MaskTokenObjective):
         self.bits, self.mosaic_size = bits, mosaic_size
 
     @classmethod
-    def from_config(cls, cfg) -> "ViTMPPObjective":
-        args = check_args(cls.name, cfg.objective_args, DEFAULTS)
-        check_choice(cls.name, "target", args["target"], TARGETS)
-        ratio = resolve_ratio(cfg, args, 0.5)
-        check_fraction(cls.name, "mask_ratio", ratio)
-        for key in ("mask_prob", "random_prob"):
-            v = args[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                raise ConfigError(f"--objective-args: {key} for objective {cls.name} must be in [0, 1]; got {v!r}")
-        if args["mask_prob"] + args["random_prob"] > 1:
-            raise ConfigError(f"--objective-args: mask_prob + random_prob for objective {cls.name} must be <= 1")
-        check_int(cls.name, "bits", args["bits"])
-        check_int(cls.name, "mosaic_size", args["mosaic_size"])
+    def from_config(cls, cfg, options: ViTMPPOptions) -> "ViTMPPObjective":
+        ratio = resolve_mask_ratio(cfg, options.mask_ratio, cls.paper_mask_ratio)
         encoder = make_encoder(cfg)
-        if args["target"] == "mosaic" and encoder.patch_size % args["mosaic_size"]:
-            raise ConfigError(f"--objective-args: mosaic_size {args['mosaic_size']} must divide the patch size "
+        if options.target == "mosaic" and encoder.patch_size % options.mosaic_size:
+            raise ConfigError(f"--objective-args: mosaic_size {options.mosaic_size} must divide the patch size "
                               f"{encoder.patch_size} of {cfg.model}")
-        return cls(encoder, target=args["target"], mask_ratio=float(ratio), mask_prob=float(args["mask_prob"]),
-                   random_prob=float(args["random_prob"]), bits=args["bits"], mosaic_size=args["mosaic_size"])
+        return cls(encoder, target=options.target, mask_ratio=ratio, mask_prob=options.mask_prob,
+                   random_prob=options.random_prob, bits=options.bits, mosaic_size=options.mosaic_size)
 
     def corrupt_tokens(self, tokens: torch.Tensor, rng=None):
         """(B, L, D) patch embeddings -> corrupted embeddings, the (B, L) corrupted mask and the (B, L) kinds."""
