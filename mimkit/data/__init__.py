@@ -5,6 +5,7 @@ from .loader import (ImageCache, ImageDataset, Loader, benchmark_loader, build_c
                      resolve_workers,
                      make_loader)
 from .source import IMG_EXTENSIONS, ImageSource, open_images, split_train_val
+from . import hfdata, shards  # noqa: E402,F401  (their sources register with open_images)
 from .transforms import AUGS, MEAN, RECIPES, STD, BatchAugment, build_transform
 
 __all__ = ["AUGS", "BatchAugment", "IMG_EXTENSIONS", "ImageCache", "ImageDataset",

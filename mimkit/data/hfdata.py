@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import DataError
-from .source import ImageSource
+from .source import ImageSource, register_source
 
 PREFIX = "hfds:"
 
@@ -103,3 +103,6 @@ class HFDatasetSource(ImageSource):
 
 def open_hf_dataset(spec: str, **options) -> HFDatasetSource:
     return HFDatasetSource(spec, **options)
+
+
+register_source(is_hf_dataset, open_hf_dataset)

@@ -397,11 +397,11 @@ def make_loader(source, indices=None, *, batch_size: int, recipe: str = "pretrai
     """
     if not isinstance(source, ImageSource):
         source = open_images(source)
-    if shuffle and getattr(source, "streamed", False):  # tar shards: streamed in order, never cached or sought at random
-        from .shards import ShardLoader
-        return ShardLoader(source, indices, batch_size=batch_size, recipe=recipe, img_size=img_size, aug=aug, seed=seed,
-                           rank=rank, world_size=world_size, num_workers=num_workers, device=device, min_size=min_size,
-                           with_index=with_index, streams=streams, **transform_kwargs)
+    if shuffle and hasattr(source, "training_loader"):  # tar shards: streamed in order (mimkit.data.shards)
+        return source.training_loader(indices, batch_size=batch_size, recipe=recipe, img_size=img_size, aug=aug,
+                                      seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
+                                      device=device, min_size=min_size, with_index=with_index, streams=streams,
+                                      **transform_kwargs)
     return Loader(source, indices, batch_size=batch_size, recipe=recipe, img_size=img_size, aug=aug, seed=seed,
                   rank=rank, world_size=world_size, num_workers=num_workers, device=device, cache=cache,
                   cache_size=cache_size, drop_last=drop_last, shuffle=shuffle, min_size=min_size,

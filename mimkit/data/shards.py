@@ -34,7 +34,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import BadImage, DataError
 from .decode import decode_image
-from .source import IMG_EXTENSIONS, ImageSource
+from .loader import mix_seed, resolve_workers, seeded_rng
+from .source import IMG_EXTENSIONS, ImageSource, register_source
+from .transforms import build_transform
 
 log = logging.getLogger(__name__)
 SHUFFLE_BUFFER = 1000  # images held per stream for the local shuffle (webdataset's usual size)
@@ -110,8 +112,6 @@ class ShardSource(ImageSource):
     ``shard_of[i]`` is the shard holding image i; ``names[i]`` is ``shard-file:key.ext``; labels come from the
     ``.cls`` members (-1 where a sample has none)."""
 
-    streamed = True  # make_loader trains on it through ShardLoader
-
     def __init__(self, spec: str):
         self.root, self.urls = str(spec), expand(spec)
         shard_of, names, offsets, labels = [], [], [], []
@@ -149,9 +149,16 @@ class ShardSource(ImageSource):
     def __getstate__(self):  # file handles do not pickle; reopened lazily
         return {**self.__dict__, "_files": {}, "_pid": None}
 
+    def training_loader(self, indices=None, **options) -> "ShardLoader":
+        """What ``make_loader`` returns for a shuffled (training) loader: the streamed one."""
+        return ShardLoader(self, indices, **options)
 
-def open_shards(spec: str) -> ShardSource:
+
+def open_shards(spec: str, **_) -> ShardSource:
     return ShardSource(spec)
+
+
+register_source(is_shard_spec, open_shards)
 
 
 # the training loader --------------------------------------------------------------------------------------
@@ -207,8 +214,6 @@ class ShardLoader:
                  img_size: int = 224, aug: str = "rrc", seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: Optional[int] = None, device="cpu", min_size: int = 1, with_index: bool = False,
                  streams: int = 0, shuffle_buffer: int = SHUFFLE_BUFFER, **transform_kwargs):
-        from .loader import resolve_workers
-        from .transforms import build_transform
         self.source, self.batch_size, self.seed = source, batch_size, seed
         self.rank, self.world_size, self.min_size = rank, world_size, min_size
         self.device, self.with_index, self.shuffle_buffer = torch.device(device), with_index, shuffle_buffer
@@ -247,7 +252,6 @@ class ShardLoader:
 
     def stream(self, s: int) -> np.ndarray:
         """Source indices of stream ``s`` this epoch, in the order they are used."""
-        from .loader import mix_seed
         src = self.source
         shard_order = torch.randperm(len(src.urls), generator=torch.Generator().manual_seed(
             mix_seed(self.seed, self.epoch, 7))).numpy()
@@ -264,7 +268,6 @@ class ShardLoader:
     def stream_batches(self, s: int):
         """Sub-batches of stream ``s`` from ``start_batch`` on: read forward through the stream, holding only the
         images the shuffle buffer still waits to emit."""
-        from .loader import mix_seed, seeded_rng
         part, order = self.stream(s)
         size = self.sizes[s]
         start = self.start_batch * size

@@ -145,6 +145,15 @@ def _strip_dot(name):
     return name.lstrip("/")
 
 
+SOURCE_OPENERS = []  # (claims(path) -> bool, open(path, **dataset_options)) of the sources defined in other modules
+
+
+def register_source(claims, opener):
+    """Let ``open_images`` open the paths ``claims`` accepts with ``opener`` (how shards and HF datasets plug in
+    without this module importing them)."""
+    SOURCE_OPENERS.append((claims, opener))
+
+
 def open_images(path, **dataset_options) -> ImageSource:
     """A folder of images (recursive), a .tar/.tar.gz/.tgz of one, or ``'builtin'`` (the embedded CIFAR-10 sample);
     tar shards (``x-{000000..000127}.tar``: :mod:`.shards`) or a Hugging Face dataset (``hfds:DIR``: :mod:`.hfdata`,
@@ -154,14 +163,9 @@ def open_images(path, **dataset_options) -> ImageSource:
     """
     if str(path) in BUILTIN:
         path = SAMPLE_DIR
-    from .hfdata import is_hf_dataset
-    from .shards import is_shard_spec
-    if is_hf_dataset(path):
-        from .hfdata import open_hf_dataset
-        return open_hf_dataset(str(path), **dataset_options)
-    if is_shard_spec(path):  # 'train-{000000..000127}.tar', or a URL fsspec opens
-        from .shards import open_shards
-        return open_shards(str(path))
+    for claims, opener in SOURCE_OPENERS:  # tar shards, Hugging Face datasets (registered by mimkit.data)
+        if claims(path):
+            return opener(str(path), **dataset_options)
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"{path}: no such file or folder")
