@@ -30,6 +30,7 @@ from timm.scheduler import CosineLRScheduler
 from .checkpoints.io import check_state_dict, load_latest, prune_checkpoints, save_checkpoint
 from .errors import ConfigError, DivergedError, Preempted
 from .precision import autocast
+from .trackers import open_tracker
 
 log = logging.getLogger("mimkit")
 
@@ -110,11 +111,12 @@ def reduce_mean(x: torch.Tensor, env: Env) -> torch.Tensor:
 
 # metrics --------------------------------------------------------------------------------------------
 class Metrics:
-    """JSON lines plus TensorBoard on the main process; nothing elsewhere."""
+    """JSON lines plus TensorBoard (plus an optional tracker: :mod:`mimkit.trackers`) on the main process; nothing
+    elsewhere. Scalars go everywhere; an image batch (N, 3, H, W) in [0, 1] goes to TensorBoard as images."""
 
-    def __init__(self, run_dir: Path, env: Env):
+    def __init__(self, run_dir: Path, env: Env, tracker=None):
         self.on = env.is_main
-        self.tb = None
+        self.tb, self.tracker = None, tracker
         if self.on:
             self.file = open(run_dir / "metrics.jsonl", "a")
             try:
@@ -126,18 +128,27 @@ class Metrics:
     def write(self, step: int, **values):
         if not self.on:
             return
+        images = {k: v for k, v in values.items() if torch.is_tensor(v) and v.dim() == 4}
+        values = {k: v for k, v in values.items() if k not in images}
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
         if self.tb:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
+            for k, v in images.items():
+                self.tb.add_images(k, v, step)
+        if self.tracker is not None:
+            self.tracker.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step)
 
     def close(self):
         if self.on:
             self.file.close()
             if self.tb:
                 self.tb.close()
+            if self.tracker is not None:
+                self.tracker.close()
+                self.tracker = None
 
 
 class Progress:
@@ -149,7 +160,11 @@ class Progress:
         if on and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-        self.total = total
+        self.total, self.extra = total, {}
+
+    def show(self, **values):
+        """Keep showing these values (e.g. the latest k-NN top-1) on the progress line."""
+        self.extra.update(values)
 
     def set_total(self, total: int):
         self.total = total
@@ -159,9 +174,10 @@ class Progress:
     def update(self, step: int, loss: float, ips: float, eta_s: float):
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}", **{k: f"{v:.2f}" for k, v in self.extra.items()})
         elif self.on and (step % self.every == 0 or step == self.total):
-            log.info("step %d/%d  loss %.4f  %.0f img/s  %s left", step, self.total, loss, ips,
+            extra = "".join(f"  {k} {v:.2f}" for k, v in self.extra.items())
+            log.info("step %d/%d  loss %.4f  %.0f img/s%s  %s left", step, self.total, loss, ips, extra,
                      time.strftime("%H:%M:%S", time.gmtime(eta_s)))
 
     def close(self):
@@ -218,7 +234,8 @@ def effective_lr(cfg, env: Env) -> float:
 
 
 def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, run_dir, env: Env, *,
-        extra_state: Optional[dict] = None, on_epoch_end: Optional[Callable[[int, int], None]] = None) -> TrainResult:
+        extra_state: Optional[dict] = None, on_epoch_end: Optional[Callable[[int, int], Optional[dict]]] = None
+        ) -> TrainResult:
     """Train ``task`` for ``cfg.epochs`` over ``loader``; resumable; returns the final state."""
     run_dir = Path(run_dir)
     accum = cfg.accum_steps
@@ -254,7 +271,8 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
 
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     schedule = _schedule(optimizer, cfg, total_steps, min(warmup, total_steps // 2))  # as a resized run does
-    metrics = Metrics(run_dir, env)
+    metrics = Metrics(run_dir, env, open_tracker(getattr(cfg, "tracker", "none"), run_dir, _plain(vars(cfg)))
+                      if env.is_main else None)
     progress = Progress(total_steps, step, env.is_main, cfg.log_every)
     t_start, seen, t_window = time.time(), 0, time.time()
     timed = cfg.time_limit > 0 and state is None
@@ -372,7 +390,10 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
             epoch, batch_in_epoch = epoch + 1, 0
             checkpoint()
             if on_epoch_end is not None and env.is_main:
-                on_epoch_end(epoch_done, step)
+                values = on_epoch_end(epoch_done, step)  # e.g. --eval-every's k-NN top-1 and reconstructions
+                if values:
+                    metrics.write(step, epoch=epoch_done, **values)
+                    progress.show(**{k: v for k, v in values.items() if isinstance(v, float)})
     progress.close()
     metrics.close()
     return TrainResult(step, epoch, last_loss, bad_total, time.time() - t_start, dict(getattr(loader, "skipped", {})))

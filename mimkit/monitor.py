@@ -23,6 +23,12 @@ def _even(indices, n: int):
     return [indices[int(j)] for j in np.linspace(0, len(indices) - 1, n)]
 
 
+def check_online_eval(source, val_idx):
+    if not any(source.labels[i] >= 0 for i in val_idx):
+        raise ConfigError("--eval-every needs labeled held-out images (class folders or a label column, and "
+                          "--val-fraction > 0 or a validation split)")
+
+
 class OnlineEval:
     """``__call__(epoch, step) -> dict`` every ``every`` epochs: ``{"knn_top1": %, "reconstructions": images}``
     (images (N, 3, H, W) in [0, 1]: rows of original, masked, reconstruction, pasted), else None."""
@@ -33,10 +39,8 @@ class OnlineEval:
         from .data import make_loader
         self.objective, self.every, self.k, self.temperature = objective, every, k, temperature
         self.device, self.precision, self.pool, self.mask_ratio, self.seed = device, precision, pool, mask_ratio, seed
+        check_online_eval(source, val_idx)
         labeled = [i for i in val_idx if source.labels[i] >= 0]
-        if not labeled:
-            raise ConfigError("--eval-every needs labeled held-out images (class folders or labels, and "
-                              "--val-fraction > 0 or a validation split)")
         self.num_classes = max(source.labels) + 1
         bank = _even([i for i in train_idx if source.labels[i] >= 0], images)
         queries = _even(labeled, images)

@@ -54,7 +54,14 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
                  cfg.data, len(val_idx), lr, cfg.precision, env.device)
 
     figure = _figure_callback(objective, source, val_idx if len(val_idx) else train_idx, img_size, run_dir, cfg, env)
-    result = fit(objective, optimizer, loader, cfg, run_dir, env, on_epoch_end=figure)
+    watch = _online_eval(objective, source, train_idx, val_idx, img_size, cfg, env)
+
+    def on_epoch_end(epoch: int, step: int):
+        if figure is not None:
+            figure(epoch, step)
+        return watch(epoch, step) if watch is not None else None
+
+    result = fit(objective, optimizer, loader, cfg, run_dir, env, on_epoch_end=on_epoch_end)
     if env.is_main:
         if figure is not None:
             figure(result.epoch - 1, result.step, final=True)
@@ -74,6 +81,21 @@ def _init_from(objective, path: str):
     if info.get("decoder_initialised"):
         log.info("--init %s holds no decoder: the decoder starts freshly initialised", path)
     log.info("--init: loaded %s", path)
+
+
+def _online_eval(objective, source, train_idx, val_idx, img_size, cfg, env):
+    """--eval-every: k-NN top-1 of held-out images and their reconstructions, on the main process (the weights are
+    the same on every process); the check that there are labeled held-out images runs on every process."""
+    if not cfg.eval_every:
+        return None
+    from .monitor import OnlineEval, check_online_eval
+    from .precision import resolve
+    check_online_eval(source, val_idx)
+    if not env.is_main:
+        return None
+    return OnlineEval(objective, source, train_idx, val_idx, every=cfg.eval_every, images=cfg.eval_images,
+                      img_size=img_size, device=env.device, precision=resolve(cfg.precision, env.device)[0],
+                      mask_ratio=cfg.mask_ratio or 0.75, seed=cfg.seed)
 
 
 def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env):
