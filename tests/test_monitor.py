@@ -10,13 +10,14 @@ from PIL import Image
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """3 classes x 12 images whose class sets the mean colour, so k-NN has something to find."""
+    """3 classes x 12 noise images, the classes alike: held-out k-NN is near chance, while images scored against
+    a bank that holds them score 100%."""
     root = tmp_path_factory.mktemp("imgs")
     rng = np.random.default_rng(0)
     for c in range(3):
         (root / f"c{c}").mkdir()
         for i in range(12):
-            img = np.clip(rng.normal(60 + 70 * c, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+            img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
             Image.fromarray(img).save(root / f"c{c}" / f"{i}.png")
     return root
 
@@ -52,7 +53,7 @@ def test_eval_every_logs_the_real_knn_everywhere(folder, tmp_path, monkeypatch, 
     assert main(["knn", "--checkpoint", str(run), "--data", str(folder), "--val-fraction", "0.25",
                  "--feature-cache", "", "--num-workers", "0", "--output", str(tmp_path / "knn")]) == 0
     results = json.loads((tmp_path / "knn" / "results.json").read_text())
-    assert results["num_val"] == 9 and knn[-1]["knn_top1"] == pytest.approx(results["top1"])
+    assert results["num_val"] == 9 and knn[-1]["knn_top1"] == pytest.approx(results["top1"]) and results["top1"] < 100
     # TensorBoard: the scalar and the images
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
