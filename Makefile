@@ -8,11 +8,12 @@ DEMO := runs/demo
 install:
 	$(PIP) install -q -e ".[dev]"
 
+# The demo's score is the held-out reconstruction error against the flat-patch reference, with its standard error
+# over the 100 held-out images. No k-NN here: on 100 images its standard error is ~4.5 points, more than two minutes
+# of pretraining move it (the CIFAR-10 results in the README measure it on 5,000).
 demo: install
 	$(PYTHON) -m mimkit.cli pretrain --config configs/demo.yaml --output $(DEMO)
 	$(PYTHON) -m mimkit.cli reconstruct --checkpoint $(DEMO) --images builtin --val-fraction 0.1 --output $(DEMO)/figures
-	$(PYTHON) -m mimkit.cli knn --checkpoint $(DEMO) --data builtin --output $(DEMO)/knn
-	$(PYTHON) -m mimkit.cli knn --checkpoint $(DEMO) --data builtin --random-init --output $(DEMO)/knn-random-init
 
 test: install
 	$(PYTHON) -m pytest tests -q

@@ -21,6 +21,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 echo "== 1/2: mimkit bench base224, batch 256, bf16"
 timeout 300 "$PY" -m mimkit.cli bench base224 --precision bf16 --batch-size 256 --compile both --peers hf,lightly \
     --warmup 3 --repeats 5 --data "" --loss-check-steps 0 --out "$OUT/bench-base224.json" | tee "$OUT/bench-base224.txt"
+"$PY" benchmarks/targets.py "$OUT/bench-base224.json" | tee -a "$OUT/bench-base224.txt" || true
 
 echo "== 2/2: 2 minutes of CIFAR-10 pretraining (tiny32 recipe, bf16, loader in the loop)"
 timeout 300 "$PY" -m mimkit.cli pretrain --config configs/cifar10.yaml --data "$DATA" --precision bf16 \
@@ -29,6 +30,8 @@ timeout 300 "$PY" -m mimkit.cli pretrain --config configs/cifar10.yaml --data "$
 "$PY" - "$OUT" <<'EOF'
 import json, statistics, sys
 from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from targets import targets
 out = Path(sys.argv[1])
 lines = [json.loads(l) for l in (out / "cifar10-2min" / "metrics.jsonl").read_text().splitlines() if l.strip()]
 ips = [l["images_per_s"] for l in lines if "images_per_s" in l][1:]  # the first window holds the start-up
@@ -36,7 +39,7 @@ loss = [l["loss"] for l in lines if "loss" in l]
 summary = {"pretrain_images_per_s_median": statistics.median(ips) if ips else None,
            "pretrain_steps": max(l["step"] for l in lines), "pretrain_final_loss": loss[-1] if loss else None}
 bench = json.loads((out / "bench-base224.json").read_text())
-summary["targets"] = bench["targets"]
+summary["targets"] = targets(bench)
 summary["gpu"] = bench["machine"].get("gpu")
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 print(json.dumps(summary, indent=1))

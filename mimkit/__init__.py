@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 def load(path, **kwargs):
     """The model in any checkpoint mimkit reads (mimkit checkpoint or run directory, official MAE .pth, Hugging Face
     ViTMAE directory, timm weights): a MaskedAutoencoder when it has a decoder, else the MaskedViT encoder.
-    See :func:`mimkit.checkpoints.formats.load`; features: :func:`mimkit.features.extract_features`."""
-    from .checkpoints.formats import load as _load
+    See :func:`mimkit.checkpoints.load`; features: :func:`mimkit.features.extract_features`."""
+    from .checkpoints import load as _load
     return _load(path, **kwargs)
 
 

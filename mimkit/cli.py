@@ -13,7 +13,7 @@ COMMANDS = {
     "linprobe": (C.LinprobeConfig, "mimkit.eval.linprobe:linprobe", "linear probe on frozen features"),
     "finetune": (C.FinetuneConfig, "mimkit.eval.finetune:finetune", "fine-tune the encoder end to end"),
     "reconstruct": (C.ReconstructConfig, "mimkit.viz:reconstruct", "figures of masked images and their reconstructions"),
-    "export": (C.ExportConfig, "mimkit.checkpoints.formats:export_command",
+    "export": (C.ExportConfig, "mimkit.checkpoints.export:export_command",
                "write weights as timm, Hugging Face ViTMAE or official MAE checkpoints"),
     "embed": (C.EmbedConfig, "mimkit.features:embed_command", "features of a folder of images, to a .npy file"),
     "tokenizer": (C.TokenizerConfig, "mimkit.tokenizer:tokenizer_command",

@@ -186,11 +186,11 @@ class FinetuneConfig(EvalOptions, OptimOptions, EngineOptions):
 class ReconstructConfig(RunOptions):
     checkpoint: str = opt("", "MAE checkpoint with its decoder")
     images: str = opt("builtin", "image folder, archive, a single image file or 'builtin'")
-    num_images: int = opt(8, "how many images")
+    num_images: int = opt(8, "how many images to show (spread over the classes of --images, seeded by --seed)")
     mask_ratio: float = opt(0.75, "fraction of patches hidden")
     grid: bool = opt(True, "one PNG grid (else one PNG per image)")
     val_fraction: float = opt(0.0, "show and score held-out images: the last fraction of each class, as "
-                              "pretrain's --val-fraction (0: the first images of --images)")
+                              "pretrain's --val-fraction (0: score the shown images)")
     target: str = opt("auto", "what the decoder predicts: as recorded in the checkpoint (official files: normalised "
                       "pixels), or force normalised/raw (the official mae_visualize weights: raw)",
                       ["auto", "normalised", "raw"])
@@ -201,6 +201,8 @@ class ReconstructConfig(RunOptions):
         check_file(self.checkpoint, "--checkpoint")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.num_images < 1:
+            raise ConfigError(f"--num-images must be at least 1, got {self.num_images}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
 

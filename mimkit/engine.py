@@ -236,167 +236,329 @@ def effective_lr(cfg, env: Env) -> float:
 def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, run_dir, env: Env, *,
         extra_state: Optional[dict] = None, on_epoch_end: Optional[Callable[[int, int], Optional[dict]]] = None
         ) -> TrainResult:
-    """Train ``task`` for ``cfg.epochs`` over ``loader``; resumable; returns the final state."""
+    """Train ``task`` for ``cfg.epochs`` over ``loader``; resumable; returns the final state. ``on_epoch_end(epoch,
+    step)`` runs on the main process after each epoch's checkpoint; values it returns are written as metrics."""
     run_dir = Path(run_dir)
-    accum = cfg.accum_steps
-    steps_per_epoch = len(loader) // accum
+    batches, steps_per_epoch, pos = _plan(cfg, loader, env)  # batches per epoch: whole accumulation windows only
+    model, forward, scaler = _wrap(task, cfg, env)
+    resumed = _resume(task, optimizer, scaler, pos, run_dir, cfg, env)
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    schedule = _schedule(optimizer, cfg, pos.total_steps, min(warmup, pos.total_steps // 2))  # as a resized run does
+    report = Report(run_dir, pos, cfg, env)
+    clock = TimeLimit(cfg.time_limit, pos.total_steps, report.t_start, resizes=not resumed, env=env)
+    window = Accumulation(task, model, forward, optimizer, scaler, cfg, env)
+    guard = NonFiniteGuard(cfg.max_bad_steps, pos, run_dir, env)
+    save = CheckpointWriter(task, optimizer, scaler, pos, cfg, run_dir, env, extra_state)
+    last_loss = float("nan")
+
+    task.train()
+    with StopRequest(getattr(cfg, "sigterm_grace", 60.0)) as stop, report:
+        while pos.step < pos.total_steps:
+            loader.set_epoch(pos.epoch, start_batch=pos.batch_in_epoch)
+            window.reset()
+            for i, (images, labels) in enumerate(loader, start=pos.batch_in_epoch):
+                if i >= batches:  # a last partial accumulation window is dropped
+                    break
+                micro = i % cfg.accum_steps
+                sync = micro == cfg.accum_steps - 1  # the window's last micro-batch: gradients averaged, one update
+                if micro == 0:
+                    lr_now = _start_step(schedule, optimizer, pos.step, cfg.seed, env)
+                loss = window.forward(images, labels, StepRandom(cfg.seed, pos.step, micro, env), sync)
+                not_finite, stop_now, time_up = _agree(loss, sync and stop.requested, sync and clock.up(), env)
+                window.backward(loss, not_finite)
+                if not sync:
+                    continue
+                pos.batch_in_epoch = i + 1
+                report.speed.add(images.shape[0] * cfg.accum_steps * env.world_size)
+                loss_now = window.update()  # one optimizer step, or None: skipped for a non-finite loss
+                guard.check(loss_now)
+                last_loss = last_loss if loss_now is None else loss_now
+                pos.step += 1
+
+                now = time.time()
+                if clock.due(pos.step, pos.total_steps, epoch_end=i + 1 == batches):
+                    pos.total_steps = clock.size(pos.step, now)
+                    schedule = _schedule(optimizer, cfg, pos.total_steps, min(warmup, pos.total_steps // 2))
+                    report.progress.set_total(pos.total_steps)
+                report.step(pos, last_loss, lr_now, now)
+                if stop_now or (stop.requested and not env.distributed):
+                    save()
+                    raise Preempted(f"stopped by SIGTERM at step {pos.step}; the checkpoint is saved, "
+                                    f"continue with --resume")
+                epoch_ends = i + 1 >= batches or pos.step >= pos.total_steps
+                if cfg.save_every and pos.step % cfg.save_every == 0 and not epoch_ends:
+                    save()
+                if time_up:
+                    pos.total_steps = clock.stop_at(pos.step, pos.total_steps)
+                if pos.step >= pos.total_steps:
+                    break
+            # the epoch is over: its batches are done, the run is, or the loader ran out early (a batch of only
+            # unreadable files yields nothing); never start the same epoch again, which could loop forever
+            if pos.batch_in_epoch < batches and pos.step < pos.total_steps and env.is_main:
+                log.warning("epoch %d ended after %d of %d batches", pos.epoch, pos.batch_in_epoch, batches)
+            report.epoch(pos)
+            epoch_done = pos.epoch
+            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+            save()
+            if on_epoch_end is not None and env.is_main:
+                values = on_epoch_end(epoch_done, pos.step)  # e.g. --eval-every's k-NN top-1 and reconstructions
+                if values:
+                    report.epoch_values(pos.step, epoch_done, values)
+    return TrainResult(pos.step, pos.epoch, last_loss, pos.bad_steps, time.time() - report.t_start,
+                       dict(getattr(loader, "skipped", {})))
+
+
+# the loop's parts ------------------------------------------------------------------------------------------
+@dataclass
+class Position:
+    """Where a run stands; what a checkpoint records and a resume restores."""
+    total_steps: int
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    bad_steps: int = 0
+
+
+def _plan(cfg, loader, env: Env):
+    """(batches per epoch, optimizer steps per epoch, the starting Position) for ``cfg.epochs`` / ``--max-steps``."""
+    steps_per_epoch = len(loader) // cfg.accum_steps
     if steps_per_epoch < 1:
-        raise ConfigError(f"--batch-size {cfg.batch_size} x --accum-steps {accum} x {env.world_size} processes "
-                         f"is larger than the {loader.num_images} training images")
+        raise ConfigError(f"--batch-size {cfg.batch_size} x --accum-steps {cfg.accum_steps} x {env.world_size} "
+                          f"processes is larger than the {loader.num_images} training images")
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
+    return steps_per_epoch * cfg.accum_steps, steps_per_epoch, Position(total_steps)
+
+
+def _wrap(task, cfg, env: Env):
+    """The task on its device: (the module gradients sync through, what the loop calls, the fp16 loss scaler)."""
     task.to(env.device)
     model = task
     if env.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             task, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     forward = torch.compile(model) if cfg.compile else model
-    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+    return model, forward, torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
 
-    step, epoch, batch_in_epoch, bad_total = 0, 0, 0, 0
+
+def _resume(task, optimizer, scaler, pos: Position, run_dir: Path, cfg, env: Env) -> bool:
+    """With ``--resume``, restore weights, optimizer, scaler, position and random state from the newest checkpoint."""
     state = load_latest(run_dir) if cfg.resume else None
-    if state is not None:
-        check_state_dict(task, state.get("model"), state["_path"])
-        task.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        total_steps, bad_total = state["total_steps"], state.get("bad_steps", 0)
-        _set_rng_state(state.get("rng"))
-        if env.is_main:
-            log.info("resumed from %s at epoch %d, step %d", state["_path"], epoch, step)
-    elif cfg.resume and env.is_main:
-        log.info("no checkpoint in %s: starting from scratch", run_dir)
+    if state is None:
+        if cfg.resume and env.is_main:
+            log.info("no checkpoint in %s: starting from scratch", run_dir)
+        return False
+    check_state_dict(task, state.get("model"), state["_path"])
+    task.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    pos.step, pos.epoch, pos.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    pos.total_steps, pos.bad_steps = state["total_steps"], state.get("bad_steps", 0)
+    _set_rng_state(state.get("rng"))
+    if env.is_main:
+        log.info("resumed from %s at epoch %d, step %d", state["_path"], pos.epoch, pos.step)
+    return True
 
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    schedule = _schedule(optimizer, cfg, total_steps, min(warmup, total_steps // 2))  # as a resized run does
-    metrics = Metrics(run_dir, env, open_tracker(getattr(cfg, "tracker", "none"), run_dir, _plain(vars(cfg)))
-                      if env.is_main else None)
-    progress = Progress(total_steps, step, env.is_main, cfg.log_every)
-    t_start, seen, t_window = time.time(), 0, time.time()
-    timed = cfg.time_limit > 0 and state is None
-    max_steps_total, t_estimate = total_steps, (t_start, 0)
-    bad_in_row, last_loss = 0, float("nan")
 
-    def checkpoint():
-        if env.is_main:
+class Accumulation:
+    """One optimizer step over ``--accum-steps`` micro-batches: their gradients add up (DDP averages them only on
+    the last), a non-finite loss spoils the whole window, and the window ends in one clipped update or a skip."""
+
+    def __init__(self, task, model, forward, optimizer, scaler, cfg, env: Env):
+        self.task, self.model, self.forward_fn = task, model, forward
+        self.optimizer, self.scaler, self.cfg, self.env = optimizer, scaler, cfg, env
+        self.reset()
+
+    def reset(self):
+        self.bad, self.loss = False, 0.0
+
+    def forward(self, images, labels, rng: StepRandom, sync: bool) -> torch.Tensor:
+        no_sync = nullcontext() if sync or not self.env.distributed else self.model.no_sync()
+        with no_sync, autocast(self.env.device, self.cfg.precision):
+            loss = self.forward_fn(images, labels, rng)
+            return loss["loss"] if isinstance(loss, dict) else loss
+
+    def backward(self, loss: torch.Tensor, not_finite: bool):
+        if not_finite:
+            self.bad = True
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.scaler.scale(loss / self.cfg.accum_steps).backward()
+            self.loss += loss.detach().float() / self.cfg.accum_steps
+
+    def update(self) -> Optional[float]:
+        """The window's update and its mean loss over all processes; None (no update) if a loss was not finite."""
+        loss = None
+        if not self.bad:
+            if self.cfg.clip_grad > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.task.parameters(), self.cfg.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            loss = float(reduce_mean(self.loss, self.env))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.reset()
+        return loss
+
+
+def _agree(loss: torch.Tensor, stop: bool, time_up: bool, env: Env):
+    """(loss not finite, stop now, time is up), the same on every process: all skip the same steps and stop after
+    the same one."""
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), torch.tensor(float(stop), device=loss.device),
+                         torch.tensor(float(time_up), device=loss.device)])
+    if env.distributed:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in flags.tolist())
+
+
+class NonFiniteGuard:
+    """A step whose loss is not finite is skipped and counted; ``--max-bad-steps`` of them in a row end the run
+    (the last good checkpoint stays)."""
+
+    def __init__(self, max_in_row: int, pos: Position, run_dir: Path, env: Env):
+        self.max_in_row, self.pos, self.run_dir, self.env = max_in_row, pos, run_dir, env
+        self.in_row = 0
+
+    def check(self, loss: Optional[float]):
+        if loss is not None:
+            self.in_row = 0
+            return
+        self.pos.bad_steps += 1
+        self.in_row += 1
+        if self.env.is_main:
+            log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.pos.step, self.in_row)
+        if self.in_row >= self.max_in_row:
+            raise DivergedError(f"the loss was not finite for {self.in_row} steps in a row (step {self.pos.step}); "
+                                f"stopped, the last good checkpoint is kept in {self.run_dir / 'checkpoints'}")
+
+
+def _start_step(schedule, optimizer, step: int, seed: int, env: Env) -> float:
+    """The step's learning rate (before any re-sizing later in the step), and its seed for dropout and drop path."""
+    schedule.step_update(step)
+    torch.manual_seed((seed * 7919 + step * 104729 + env.rank) % 2**63)
+    return optimizer.param_groups[0]["lr"]
+
+
+class Report:
+    """Progress (tqdm or log lines), metrics lines every ``--log-every`` steps and at the end, the speed between
+    them; closed when the loop leaves, however it leaves."""
+
+    def __init__(self, run_dir: Path, pos: Position, cfg, env: Env):
+        self.metrics = Metrics(run_dir, env, open_tracker(getattr(cfg, "tracker", "none"), run_dir, _plain(vars(cfg)))
+                               if env.is_main else None)
+        self.progress = Progress(pos.total_steps, pos.step, env.is_main, cfg.log_every)
+        self.log_every = cfg.log_every
+        self.t_start = time.time()
+        self.speed = Throughput(self.t_start)
+
+    def step(self, pos: Position, loss: float, lr: float, now: float):
+        ips = self.speed.per_s(now)
+        eta_s = (pos.total_steps - pos.step) * (now - self.t_start) / max(pos.step, 1)
+        self.progress.update(pos.step, loss, ips, eta_s)
+        if pos.step % self.log_every == 0 or pos.step == pos.total_steps:
+            self.metrics.write(pos.step, loss=loss, lr=lr, images_per_s=ips, epoch=pos.epoch)
+            self.speed.restart(now)
+
+    def epoch(self, pos: Position):
+        self.metrics.write(pos.step, epoch_time_s=time.time() - self.t_start, epoch=pos.epoch)
+
+    def epoch_values(self, step: int, epoch: int, values: dict):
+        """What an epoch-end callback returned (e.g. --eval-every's k-NN top-1): written, and numbers shown."""
+        self.metrics.write(step, epoch=epoch, **values)
+        self.progress.show(**{k: v for k, v in values.items() if isinstance(v, float)})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.close()
+        self.metrics.close()
+
+
+class Throughput:
+    """Images per second since the last metrics line."""
+
+    def __init__(self, now: float):
+        self.restart(now)
+
+    def restart(self, now: float):
+        self.images, self.since = 0, now
+
+    def add(self, images: int):
+        self.images += images
+
+    def per_s(self, now: float) -> float:
+        return self.images / max(now - self.since, 1e-9)
+
+
+class TimeLimit:
+    """``--time-limit``: the run stops in time, and a fresh run sizes its schedule from the measured speed, early
+    and then every 100 steps and at each epoch's end, so a machine that gets busier or quieter still ends on time
+    with a full cosine. The sizing is logged when it first happens and when it moves by more than ``NOTE``."""
+    SIZE_AT = (5, 10, 20, 50)
+    NOTE = 0.05
+
+    def __init__(self, minutes: float, max_total: int, t_start: float, resizes: bool, env: Env):
+        self.minutes, self.max_total, self.t_start, self.env = minutes, max_total, t_start, env
+        self.resizes = minutes > 0 and resizes
+        self.measured_from = (t_start, 0)  # (time, step) the speed is measured from
+        self.logged: Optional[int] = None
+
+    def up(self) -> bool:
+        return self.minutes > 0 and time.time() - self.t_start > self.minutes * 60
+
+    def stop_at(self, step: int, total: int) -> int:
+        """The total once time is up: this step."""
+        if step < total and self.env.is_main:  # the estimate from the first steps was too hopeful (a busier machine)
+            log.warning("--time-limit reached at step %d of %d: stopping early", step, total)
+        return min(step, total)
+
+    def due(self, step: int, total: int, epoch_end: bool) -> bool:
+        return self.resizes and step < total and (step in self.SIZE_AT or step % 100 == 0 or epoch_end)
+
+    def size(self, step: int, now: float) -> int:
+        """Total steps that end the run within the limit at the speed measured since the last sizing (never more
+        than asked); every process agrees on it."""
+        per_step = torch.tensor((now - self.measured_from[0]) / (step - self.measured_from[1]))
+        if self.env.distributed:
+            dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
+        seconds_left = self.minutes * 60 - (now - self.t_start)
+        total = max(step + 1, min(self.max_total, step + int(seconds_left / float(per_step))))
+        self.measured_from = (now, step)
+        if self.env.is_main:
+            news = self.logged is None or abs(total - self.logged) > self.NOTE * self.logged
+            log.log(logging.INFO if news else logging.DEBUG,
+                    "--time-limit %g min: %.2f s/step measured, the run is sized to %d steps",
+                    self.minutes, float(per_step), total)
+            if news:
+                self.logged = total
+        return total
+
+
+class CheckpointWriter:
+    """``save()`` writes the run's whole state at its current Position (main process), keeps the newest
+    ``--keep-checkpoints`` and waits for every process."""
+
+    def __init__(self, task, optimizer, scaler, pos: Position, cfg, run_dir: Path, env: Env,
+                 extra_state: Optional[dict]):
+        self.task, self.optimizer, self.scaler, self.pos = task, optimizer, scaler, pos
+        self.cfg, self.run_dir, self.env, self.extra_state = cfg, run_dir, env, extra_state or {}
+
+    def __call__(self):
+        if self.env.is_main:
+            pos = self.pos
             save_checkpoint({
-                "format": "mimkit", "version": 1, "kind": getattr(task, "name", type(task).__name__),
-                "arch": getattr(task, "arch", {}), "model": task.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                "total_steps": total_steps, "bad_steps": bad_total, "rng": _get_rng_state(),
-                "config": _plain(vars(cfg)), **(extra_state or {}),
-            }, run_dir / "checkpoints" / f"checkpoint-{step:08d}.pt")
-            prune_checkpoints(run_dir, cfg.keep_checkpoints)
-        if env.distributed:
+                "format": "mimkit", "version": 1, "kind": getattr(self.task, "name", type(self.task).__name__),
+                "arch": getattr(self.task, "arch", {}), "model": self.task.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": pos.step,
+                "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch, "total_steps": pos.total_steps,
+                "bad_steps": pos.bad_steps, "rng": _get_rng_state(), "config": _plain(vars(self.cfg)),
+                **self.extra_state,
+            }, self.run_dir / "checkpoints" / f"checkpoint-{pos.step:08d}.pt")
+            prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+        if self.env.distributed:
             dist.barrier()
-
-    task.train()
-    with StopRequest(getattr(cfg, "sigterm_grace", 60.0)) as stop:
-        while step < total_steps:
-            loader.set_epoch(epoch, start_batch=batch_in_epoch)
-            window_bad, window_loss = False, 0.0
-            for i, (images, labels) in enumerate(loader, start=batch_in_epoch):
-                if i >= steps_per_epoch * accum:  # a last partial accumulation window is dropped
-                    break
-                micro = i % accum
-                if micro == 0:
-                    schedule.step_update(step)
-                    lr_now = optimizer.param_groups[0]["lr"]  # the step's lr (before any re-sizing below)
-                    torch.manual_seed((cfg.seed * 7919 + step * 104729 + env.rank) % 2**63)  # dropout, drop path
-                sync = micro == accum - 1  # the window's last micro-batch: gradients are averaged, then one update
-                with (nullcontext() if sync or not env.distributed else model.no_sync()), autocast(env.device, cfg.precision):
-                    loss = forward(images, labels, StepRandom(cfg.seed, step, micro, env))
-                    loss = loss["loss"] if isinstance(loss, dict) else loss
-                time_up = cfg.time_limit > 0 and time.time() - t_start > cfg.time_limit * 60
-                flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                                     torch.tensor(float(sync and stop.requested), device=loss.device),
-                                     torch.tensor(float(sync and time_up), device=loss.device)])
-                if env.distributed:  # all processes skip the same steps and stop after the same one
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                not_finite, stop_now, time_up = (bool(v) for v in flags.tolist())
-                if not_finite:
-                    window_bad = True
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    scaler.scale(loss / accum).backward()
-                    window_loss += loss.detach().float() / accum
-                if not sync:
-                    continue
-                # one optimizer step
-                batch_in_epoch = i + 1
-                seen += images.shape[0] * accum * env.world_size
-                if window_bad:
-                    bad_total += 1
-                    bad_in_row += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    if env.is_main:
-                        log.warning("non-finite loss at step %d: step skipped (%d in a row)", step, bad_in_row)
-                    if bad_in_row >= cfg.max_bad_steps:
-                        metrics.close()
-                        progress.close()
-                        raise DivergedError(f"the loss was not finite for {bad_in_row} steps in a row (step {step}); "
-                                            f"stopped, the last good checkpoint is kept in {run_dir / 'checkpoints'}")
-                else:
-                    bad_in_row = 0
-                    if cfg.clip_grad > 0:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.clip_grad)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    last_loss = float(reduce_mean(window_loss, env)) if torch.is_tensor(window_loss) else window_loss
-                step += 1
-                window_bad, window_loss = False, 0.0
-
-                now = time.time()
-                ips = seen / max(now - t_window, 1e-9)
-                # --time-limit: size the schedule from the measured speed, early and then every 100 steps and at
-                # each epoch's end, so a machine that gets busier or quieter still ends on time with a full cosine
-                if timed and step < total_steps and (step in (5, 10, 20, 50) or step % 100 == 0 or
-                                                     (i + 1) == steps_per_epoch * accum):
-                    per_step = (now - t_estimate[0]) / (step - t_estimate[1])
-                    total_steps = _fit_time_limit(cfg, step, max_steps_total, cfg.time_limit * 60 - (now - t_start),
-                                                  per_step, env)
-                    schedule = _schedule(optimizer, cfg, total_steps, min(warmup, total_steps // 2))
-                    t_estimate = (now, step)
-                    progress.set_total(total_steps)
-                progress.update(step, last_loss, ips, (total_steps - step) * (now - t_start) / max(step, 1))
-                if step % cfg.log_every == 0 or step == total_steps:
-                    metrics.write(step, loss=last_loss, lr=lr_now, images_per_s=ips,
-                                  epoch=epoch)
-                    seen, t_window = 0, now
-                if stop_now or (stop.requested and not env.distributed):
-                    checkpoint()
-                    progress.close()
-                    metrics.close()
-                    raise Preempted(f"stopped by SIGTERM at step {step}; the checkpoint is saved, continue with --resume")
-                epoch_ends = i + 1 >= steps_per_epoch * accum or step >= total_steps
-                if cfg.save_every and step % cfg.save_every == 0 and not epoch_ends:
-                    checkpoint()
-                if time_up and step < total_steps:
-                    if env.is_main:  # the estimate from the first steps was too hopeful (a busier machine)
-                        log.warning("--time-limit reached at step %d of %d: stopping early", step, total_steps)
-                    total_steps = step
-                if step >= total_steps:
-                    break
-            # the epoch is over: its batches are done, the run is, or the loader ran out early (a batch of only
-            # unreadable files yields nothing); never start the same epoch again, which could loop forever
-            if batch_in_epoch < steps_per_epoch * accum and step < total_steps and env.is_main:
-                log.warning("epoch %d ended after %d of %d batches", epoch, batch_in_epoch, steps_per_epoch * accum)
-            metrics.write(step, epoch_time_s=time.time() - t_start, epoch=epoch)
-            epoch_done = epoch
-            epoch, batch_in_epoch = epoch + 1, 0
-            checkpoint()
-            if on_epoch_end is not None and env.is_main:
-                values = on_epoch_end(epoch_done, step)  # e.g. --eval-every's k-NN top-1 and reconstructions
-                if values:
-                    metrics.write(step, epoch=epoch_done, **values)
-                    progress.show(**{k: v for k, v in values.items() if isinstance(v, float)})
-    progress.close()
-    metrics.close()
-    return TrainResult(step, epoch, last_loss, bad_total, time.time() - t_start, dict(getattr(loader, "skipped", {})))
 
 
 def _schedule(optimizer, cfg, total_steps: int, warmup: int):
@@ -406,18 +568,6 @@ def _schedule(optimizer, cfg, total_steps: int, warmup: int):
         g["lr"] = g["initial_lr"]
     return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup), lr_min=cfg.min_lr,
                              warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
-
-
-def _fit_time_limit(cfg, step: int, max_total: int, seconds_left: float, per_step: float, env: Env) -> int:
-    """Total steps that end the run within ``--time-limit`` at ``per_step`` seconds a step (never more than asked)."""
-    per_step = torch.tensor(per_step)
-    if env.distributed:  # every process must agree on the schedule
-        dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
-    new_total = max(step + 1, min(max_total, step + int(seconds_left / float(per_step))))
-    if env.is_main:
-        log.info("--time-limit %g min: %.2f s/step measured, the run is sized to %d steps", cfg.time_limit,
-                 float(per_step), new_total)
-    return new_total
 
 
 def _get_rng_state() -> dict:

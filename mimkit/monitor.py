@@ -53,8 +53,8 @@ class OnlineEval:
         self.num_images = (len(bank), len(queries))
 
     def features(self, loader):
-        from .eval.features import extract_features
-        return extract_features(self.objective.encoder, loader, self.pool, self.device, self.precision)
+        from .eval.features import loader_features
+        return loader_features(self.objective.encoder, loader, self.pool, self.device, self.precision)
 
     def knn_top1(self) -> float:
         from .eval.features import topk_accuracy

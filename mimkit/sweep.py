@@ -145,19 +145,18 @@ def _read_json(path: Path) -> Optional[dict]:
 
 def train_flops_per_image(kind: str, arch: dict, img_size: int) -> float:
     """Forward + backward FLOPs of one training image for the objective ``kind`` with ``arch``."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from .bench.measure import counted_flops
     from .objectives import OBJECTIVES
     objective = OBJECTIVES[kind].build(arch).train()
     for m in objective.modules():  # the counter sees attention's matmuls only outside fused kernels
         if hasattr(m, "fused_attn"):
             m.fused_attn = False
     images = torch.randn(2, 3, img_size, img_size)
-    counter = FlopCounterMode(display=False)
-    with counter:
+
+    def step():
         loss = objective(images, None, None)
-        loss = loss["loss"] if isinstance(loss, dict) else loss
-        loss.backward()
-    return counter.get_total_flops() / images.shape[0]
+        (loss["loss"] if isinstance(loss, dict) else loss).backward()
+    return counted_flops(step) / images.shape[0]
 
 
 def describe(kind: str, arch: dict) -> dict:

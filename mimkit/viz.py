@@ -50,28 +50,39 @@ def reconstruction_grid(mae, images: torch.Tensor, path, mask_ratio: float = 0.7
 def masked_mse(mae, batches, mask_ratio: float = 0.75, seed: int = 0) -> dict:
     """The MAE loss (MSE on the hidden patches, in the decoder's target space) over image ``batches`` (an iterable
     of (B, 3, H, W) tensors, or one tensor) with seeded masks, beside the same error of predicting zeros: for
-    normalised targets, each hidden patch's own mean colour. Masks depend only on the seed and image order."""
+    normalised targets, each hidden patch's own mean colour. Masks depend only on the seed and image order.
+    ``gain`` is how much lower the model's error is, with its standard error over the images (paired: the same
+    images and masks), the noise a comparison must beat."""
     if torch.is_tensor(batches):
         batches = [batches]
     gen = torch.Generator().manual_seed(seed)
-    total = zeros = 0.0
-    n = 0
+    model, zeros = [], []  # per image
     for x in batches:
         gh, gw = x.shape[-2] // mae.patch_size, x.shape[-1] // mae.patch_size
         out = mae(x, mask_ratio=mask_ratio, noise=torch.rand(x.shape[0], gh * gw, generator=gen).to(x.device))
-        total += out.loss.item() * x.shape[0]
-        zeros += mae.forward_loss(x, torch.zeros_like(out.pred), out.mask).item() * x.shape[0]
-        n += x.shape[0]
-    return {"masked_mse": total / n, "zero_prediction_mse": zeros / n, "images": n, "mask_ratio": mask_ratio,
-            "seed": seed, "normalised_target": bool(mae.norm_pix_loss)}
+        for j in range(x.shape[0]):  # every image hides the same number of patches: the batch loss is their mean
+            one = slice(j, j + 1)
+            model.append(mae.forward_loss(x[one], out.pred[one], out.mask[one]).item())
+            zeros.append(mae.forward_loss(x[one], torch.zeros_like(out.pred[one]), out.mask[one]).item())
+    model, zeros = torch.tensor(model, dtype=torch.float64), torch.tensor(zeros, dtype=torch.float64)
+    return {"masked_mse": model.mean().item(), "masked_mse_se": _standard_error(model),
+            "zero_prediction_mse": zeros.mean().item(), "zero_prediction_se": _standard_error(zeros),
+            "gain": (zeros - model).mean().item(), "gain_se": _standard_error(zeros - model), "images": len(model),
+            "mask_ratio": mask_ratio, "seed": seed, "normalised_target": bool(mae.norm_pix_loss)}
+
+
+def _standard_error(x: torch.Tensor) -> float:
+    return (x.std() / len(x) ** 0.5).item() if len(x) > 1 else float("nan")
 
 
 def reconstruct(cfg) -> list:
-    """CLI ``mimkit reconstruct``: figures for ``cfg.num_images`` images of ``cfg.images`` into ``cfg.output``, and
-    the reconstruction error (``results.json``) over those images, or over all held-out ones with val_fraction."""
+    """CLI ``mimkit reconstruct``: figures for ``cfg.num_images`` images of ``cfg.images`` (spread over its classes,
+    seeded) into ``cfg.output``, and the reconstruction error (``results.json``) over those images, or over all
+    held-out ones with val_fraction."""
     from .checkpoints import load_mae
+    from .errors import DataError
     from .files import write_json
-    from .data import make_loader, open_images, split_train_val
+    from .data import make_loader, open_images, split_train_val, spread_over_classes
     norm_pix = {"auto": None, "normalised": True, "raw": False}[cfg.target]
     mae, info = load_mae(cfg.checkpoint, allow_missing_decoder=False, norm_pix_loss=norm_pix)
     mae.eval()
@@ -79,10 +90,11 @@ def reconstruct(cfg) -> list:
     if cfg.val_fraction > 0:
         scored = split_train_val(source, cfg.val_fraction)[1]
         if not scored:
-            raise ValueError(f"--val-fraction {cfg.val_fraction} holds out no image of {cfg.images}")
+            raise DataError(f"--val-fraction {cfg.val_fraction} holds out no image of the {len(source)} in "
+                            f"{cfg.images}")
+        shown = spread_over_classes(source, scored, cfg.seed)[:cfg.num_images]
     else:
-        scored = list(range(min(cfg.num_images, len(source))))
-    shown = scored[::max(1, len(scored) // cfg.num_images)][:cfg.num_images]  # spread over the held-out classes
+        scored = shown = spread_over_classes(source, range(len(source)), cfg.seed)[:cfg.num_images]
 
     def images_of(indices, batch_size):
         loader = make_loader(source, indices, batch_size=batch_size, recipe="eval", shuffle=False, num_workers=0,
@@ -108,7 +120,9 @@ def reconstruct(cfg) -> list:
     score["held_out"] = cfg.val_fraction > 0
     write_json(out / "results.json", score)
     which = "held-out" if cfg.val_fraction > 0 else "shown"
-    print(f"reconstruct: MSE on hidden patches {score['masked_mse']:.4f} over {score['images']} {which} images "
-          f"(predicting zeros{', i.e. each patch its own mean colour' if mae.norm_pix_loss else ''}: "
-          f"{score['zero_prediction_mse']:.4f}; {out / 'results.json'})")
+    zeros = "predicting zeros" + (" (each patch its own mean colour)" if mae.norm_pix_loss else "")
+    print(f"reconstruct: MSE on hidden patches {score['masked_mse']:.4f} over {score['images']} {which} images, "
+          f"{score['zero_prediction_mse']:.4f} {zeros}: "
+          f"the model's error is lower by {score['gain']:.4f} +- {score['gain_se']:.4f} (standard error over the "
+          f"images; {out / 'results.json'})")
     return paths

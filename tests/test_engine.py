@@ -87,3 +87,33 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     a, b = final_params(tmp_path / "one"), final_params(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=k)
+
+
+def test_a_time_limited_run_logs_its_sizing_only_when_it_changes(tmp_path, monkeypatch, caplog):
+    """The schedule is re-sized at steps 5, 10, 20, 50, each 100 and each epoch's end; only the first sizing and
+    one that moves the total by more than 5% are logged at INFO, the rest at DEBUG. The engine's clock is faked:
+    0.1 s a step, then (a busier machine) 0.2 s a step, so the run is re-sized once meaningfully. Logging every
+    sizing at INFO (the old behaviour) fails this, and so does logging only the first one."""
+    import logging
+    import time as real_time
+    from types import SimpleNamespace
+
+    import mimkit.engine as engine
+    calls = [0]
+
+    def fake_time():  # the engine reads the clock twice a step (is time up? now): 0.05 s a read, then 0.1 s
+        calls[0] += 1
+        return 1000.0 + 0.05 * min(calls[0], 120) + 0.1 * max(calls[0] - 120, 0)
+
+    monkeypatch.setattr(engine, "time", SimpleNamespace(time=fake_time, strftime=real_time.strftime,
+                                                        gmtime=real_time.gmtime))
+    caplog.set_level(logging.DEBUG, logger="mimkit")
+    cfg = load_config(PretrainConfig, overrides={**TINY, "max_steps": 0, "epochs": 10, "val_fraction": 0.5,
+                                                 "deterministic": False, "time_limit": 0.2,
+                                                 "output": str(tmp_path / "run")})
+    result = pretrain(cfg)
+    sizing = [r for r in caplog.records if "the run is sized to" in r.getMessage()]
+    told = [r.getMessage() for r in sizing if r.levelno == logging.INFO]
+    assert len(sizing) >= 5, [r.getMessage() for r in sizing]
+    assert len(told) == 2, told
+    assert result.step < 10 * 31  # the time limit, not the epochs, ended the run

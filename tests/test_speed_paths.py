@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import VisionTransformer
 
-from mimkit.bench import mimkit_optimizer
+from mimkit.pretrain import pretrain_optimizer
 from mimkit.masking import random_masking
 from mimkit.models import create_mae
 from mimkit.models.vit import Attention
@@ -158,9 +158,9 @@ def test_grad_checkpointing_gives_the_same_gradients_and_covers_the_decoder():
     assert not ckpt.encoder.grad_checkpointing
 
 
-def test_mimkit_optimizer_is_fused_adamw_with_timms_groups():
+def test_pretrain_optimizer_is_fused_adamw_with_timms_groups():
     model = _model()
-    opt = mimkit_optimizer(model)
+    opt = pretrain_optimizer(model, 1.5e-4, 0.05)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
     decay = {g["weight_decay"] for g in opt.param_groups}
     assert decay == {0.0, 0.05}
@@ -194,12 +194,15 @@ def test_compiles_with_dynamic_shapes():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_forward_has_no_per_sample_python_loop(precision):
-    """Masking, gathers and loss are batched ops: a 4x larger batch runs exactly the same ops."""
+    """Masking, gathers and loss are batched ops: a 4x larger batch runs exactly the same ops. Only the ops our code
+    calls are counted (an aten op inside another aten op is torch's own work: on CPUs without native bf16, torch's
+    bf16 batched matmul loops over the batch internally). A Python loop over samples in the model fails this."""
     model = _model()
     from torch.profiler import profile
     counts = []
     for b in (2, 8):
         with profile() as prof, torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             model(_batch(b))
-        counts.append(len([e for e in prof.events() if e.name.startswith("aten::")]))
+        counts.append(len([e for e in prof.events() if e.name.startswith("aten::")
+                           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]))
     assert counts[0] == counts[1]

@@ -1,11 +1,13 @@
-"""Checkpoints: safe, atomic I/O (:mod:`.io`) and the formats mimkit reads and writes (:mod:`.formats`).
+"""Checkpoints: safe, atomic I/O (:mod:`.io`), the one reader (:mod:`.read`), the writer (:mod:`.export`) and
+the formats' names (:mod:`.hf`, :mod:`.official`, :mod:`.timm`).
 
 ``load(path)`` / ``load_encoder(path)`` / ``load_mae(path)`` read mimkit checkpoints and run directories, official
 MAE ``.pth`` files, Hugging Face ViTMAE directories and timm weights; ``export(model_or_path, to, out)`` writes
 timm, Hugging Face or official MAE checkpoints.
 """
-from .formats import EXPORT_FORMATS, FORMATS, STANDARD_HEADS, export, load, load_encoder, load_mae
+from .export import EXPORT_FORMATS, export
 from .io import load_checkpoint, load_latest, safe_torch_load, save_checkpoint
+from .read import FORMATS, STANDARD_HEADS, load, load_encoder, load_mae, read
 
 __all__ = ["EXPORT_FORMATS", "FORMATS", "STANDARD_HEADS", "export", "load", "load_checkpoint",
-           "load_encoder", "load_latest", "load_mae", "safe_torch_load", "save_checkpoint"]
+           "load_encoder", "load_latest", "load_mae", "read", "safe_torch_load", "save_checkpoint"]

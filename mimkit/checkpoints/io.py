@@ -14,7 +14,7 @@ import os
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from ..errors import CheckpointError
@@ -65,6 +65,24 @@ def save_checkpoint(state: dict, path) -> Path:
 
 
 _PLAIN = (str, int, float, bool, complex, bytes, type(None), torch.dtype, torch.device, torch.Size)  # exact types
+
+
+def tensor_copies(named: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Own, contiguous CPU storage per tensor (safetensors refuses shared or strided ones)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in named.items()}
+
+
+def save_safetensors(tensors: Dict[str, torch.Tensor], path, metadata: Optional[dict] = None) -> Path:
+    """A ``.safetensors`` file of ``tensors`` (copied as :func:`tensor_copies`), written atomically."""
+    from safetensors.torch import save
+    path = Path(path)
+    data = save(tensor_copies(tensors), metadata={"format": "pt", **(metadata or {})})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_atomic(path, data)
+    except OSError as e:
+        raise CheckpointError(f"could not write {path}: {e.strerror or e}") from None
+    return path
 
 
 def _check_weights_only(obj, where: str):

@@ -3,8 +3,10 @@
 A source is only an index (sorted relative names, labels) plus ``read_bytes(i)``; decoding is separate
 (:mod:`mimkit.data.decode`) so that a loader can decode in worker processes.
 """
+import itertools
 import math
 import os
+import random
 import stat
 import tarfile
 from pathlib import Path
@@ -200,3 +202,18 @@ def split_train_val(source: ImageSource, val_fraction: float = 0.1):
         train += idx[:len(idx) - k]
         val += idx[len(idx) - k:]
     return sorted(train), sorted(val)
+
+
+def spread_over_classes(source: ImageSource, indices, seed: int = 0) -> list:
+    """``indices`` reordered so that any first few of them spread over the classes: round-robin over the classes
+    (in label order), each class's images in a seeded random order. A figure of the first eight then shows eight
+    classes (or eight random images of an unlabeled folder), not the first folder's first files."""
+    groups = {}
+    for i in indices:
+        groups.setdefault(source.labels[i], []).append(i)
+    rng = random.Random(seed)
+    for members in groups.values():
+        rng.shuffle(members)
+    rounds = itertools.zip_longest(*(groups[y] for y in sorted(groups)))
+    return [i for round_ in rounds for i in round_ if i is not None]
+

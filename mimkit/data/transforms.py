@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
-MEAN = (0.485, 0.456, 0.406)  # ImageNet
-STD = (0.229, 0.224, 0.225)
+from .stats import IMAGENET_MEAN, IMAGENET_STD
+
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD  # every recipe normalises with ImageNet's statistics
 RECIPES = ("pretrain", "finetune", "eval")
 AUGS = ("rrc", "none", "fixed_crop", "rrc_jitter")
 FINETUNE_DEFAULTS = dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", re_count=1,

@@ -7,9 +7,8 @@ Each is one API function taking its config and returning ``{"top1": ..., "top5":
     from mimkit.eval import knn
     knn(load_config(KnnConfig, overrides={"checkpoint": "runs/mae", "data": "builtin"}))
 """
-from .features import extract_features
 from .finetune import finetune
 from .knn import knn
 from .linprobe import linprobe
 
-__all__ = ["knn", "linprobe", "finetune", "extract_features"]
+__all__ = ["knn", "linprobe", "finetune"]

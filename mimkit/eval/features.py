@@ -1,7 +1,8 @@
 """What the three evaluations share: the encoder to evaluate, its frozen features, the data, the results file.
 
 * :func:`load_eval_encoder` turns ``--checkpoint`` / ``--random-init`` / ``--model`` into a ``MaskedViT``.
-* :func:`extract_features` runs a frozen encoder over a loader once (``inference_mode`` + autocast);
+* :func:`loader_features` runs a frozen encoder over a loader once (``mimkit.features.extract_features``
+  under autocast);
   :func:`features_for` caches its result on disk, keyed by the weights and the images.
 * :func:`eval_data` opens ``--data`` and splits it; :func:`image_loader` wraps ``mimkit.data.make_loader``.
 * :class:`FeatureLoader` serves cached feature tensors with the loader interface ``engine.fit`` expects.
@@ -18,8 +19,9 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..checkpoints.io import load_checkpoint, load_latest
+from ..checkpoints import load_checkpoint, load_encoder, read
 from ..errors import CheckpointError, ConfigError
+from ..features import extract_features
 from ..files import write_text
 from ..precision import autocast
 from ..models import MaskedAutoencoder, MaskedViT, create_mae
@@ -42,56 +44,12 @@ def load_eval_encoder(cfg) -> Tuple[MaskedViT, dict]:
         return encoder, source
     if not cfg.checkpoint:
         raise ConfigError("--checkpoint is required (or --random-init with --model)")
-    encoder, kind, full_arch = _load_checkpoint_encoder(cfg.checkpoint)
+    checkpoint = read(cfg.checkpoint)  # the one reader: mimkit runs and files, official MAE, HF ViTMAE, timm
+    encoder = load_encoder(checkpoint)
     if cfg.random_init:
-        encoder = _fresh_encoder_like(kind, full_arch, encoder, cfg.checkpoint)
-    source["kind"] = kind
+        encoder = _fresh_encoder_like(checkpoint.kind, checkpoint.arch, encoder)
+    source["kind"] = checkpoint.kind
     return encoder, source
-
-
-def _load_checkpoint_encoder(path: str):
-    """(encoder, kind, objective arch or None): through ``mimkit.checkpoints.load_encoder`` when it exists
-    (mimkit files and run directories, official MAE, HF ViTMAE, timm), else the mimkit format read here."""
-    from .. import checkpoints
-    load_encoder = getattr(checkpoints, "load_encoder", None)
-    if load_encoder is None:
-        return _load_mimkit_encoder(path)
-    try:
-        encoder = load_encoder(path)
-    except CheckpointError as e:  # a mimkit objective whose encoder is no ViT (igpt): rebuilt by its objective
-        try:
-            return _load_mimkit_encoder(path)
-        except CheckpointError:
-            raise e from None
-    return encoder, (getattr(encoder, "checkpoint_info", None) or {}).get("kind"), None
-
-
-def _read_mimkit(path: str) -> dict:
-    p = Path(path)
-    if p.is_dir():
-        state = load_latest(p)
-        if state is None:
-            raise CheckpointError(f"no checkpoint found in run directory {p} (looked in {p / 'checkpoints'})")
-        return state
-    return load_checkpoint(p)
-
-
-def _load_mimkit_encoder(path: str):
-    from ..objectives import OBJECTIVES
-    state = _read_mimkit(path)
-    if not isinstance(state, dict) or "model" not in state or "arch" not in state:
-        raise CheckpointError(f"{path} is not a mimkit checkpoint (no 'model' and 'arch' entries)")
-    kind, arch = state.get("kind"), state["arch"]
-    if kind not in OBJECTIVES:
-        raise CheckpointError(f"{path}: cannot evaluate a checkpoint of kind {kind!r}; "
-                              f"expected a pretraining objective ({', '.join(sorted(OBJECTIVES))})")
-    try:
-        objective = OBJECTIVES[kind].build(arch)  # for 'mae': MaskedAutoencoder.from_arch under 'model.'
-        objective.load_state_dict(state["model"])
-    except (RuntimeError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{path}: weights do not fit the stored architecture "
-                              f"({str(e).splitlines()[0]})") from None
-    return objective.encoder, kind, arch
 
 
 def _fresh_encoder_from_preset(name: str) -> MaskedViT:
@@ -101,40 +59,33 @@ def _fresh_encoder_from_preset(name: str) -> MaskedViT:
         raise ConfigError(f"--model: {e}") from None
 
 
-def _fresh_encoder_like(kind, arch, trained: MaskedViT, path: str) -> MaskedViT:
+def _fresh_encoder_like(kind, arch, trained: MaskedViT) -> MaskedViT:
     """The same shape, initialised as its pretraining objective starts it (MAE's initialisation by default)."""
     from ..objectives import OBJECTIVES
-    if kind in OBJECTIVES and kind != "mae":
+    if kind in OBJECTIVES and kind != "mae" and arch:
         try:
-            arch = arch or _read_mimkit(path)["arch"]
             return OBJECTIVES[kind].build(arch).encoder
-        except (CheckpointError, KeyError, TypeError):
+        except (KeyError, TypeError):
             pass
     return MaskedAutoencoder(MaskedViT(**trained.arch)).encoder
 
 
-def freeze(module: nn.Module) -> nn.Module:
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module.eval()
-
-
 # features ---------------------------------------------------------------------------------------------
-def extract_features(encoder: MaskedViT, loader, pool: str, device, precision: str = "fp32"
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features of every image the loader yields: (N, D) float32 and (N,) int64, both on the CPU."""
+def loader_features(encoder: MaskedViT, loader, pool: str, device, precision: str = "fp32"
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features (:func:`mimkit.features.extract_features`) of every image the loader yields:
+    (N, D) float32 and (N,) int64, both on the CPU."""
     device = torch.device(device)
-    was_training = encoder.training
-    encoder.eval().to(device)
+    encoder.to(device)
     feats, labels = [], []
-    with torch.inference_mode(), autocast(device, precision):
+    with autocast(device, precision):
         for images, y in loader:
-            f = encoder.extract(images.to(device, non_blocking=True), pool)
+            f = extract_features(encoder, images.to(device, non_blocking=True), pool)
             if pool == "mean" and not isinstance(getattr(encoder, "fc_norm", nn.Identity()), nn.Identity):
-                f = encoder.fc_norm(f)  # a global-pool classifier's features: its pre-logits
+                with torch.inference_mode():
+                    f = encoder.fc_norm(f)  # a global-pool classifier's features: its pre-logits
             feats.append(f.float().cpu())
             labels.append(torch.as_tensor(y).long().cpu())
-    encoder.train(was_training)
     if not feats:
         return torch.zeros(0, encoder.embed_dim), torch.zeros(0, dtype=torch.long)
     # clone: tensors made under inference_mode cannot be saved for backward later
@@ -142,7 +93,7 @@ def extract_features(encoder: MaskedViT, loader, pool: str, device, precision: s
 
 
 def features_for(encoder: MaskedViT, source, indices, cfg, env, img_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``extract_features`` over ``indices`` of ``source``, cached on disk under ``cfg.feature_cache``.
+    """:func:`loader_features` over ``indices`` of ``source``, cached on disk under ``cfg.feature_cache``.
 
     The key hashes the encoder's weights, the images (names, sizes, modification times), the pooling, size and
     precision, so k-NN and the linear probe of one checkpoint compute features once, and nothing stale is read.
@@ -158,7 +109,7 @@ def features_for(encoder: MaskedViT, source, indices, cfg, env, img_size: int) -
                 return cached["features"], cached["labels"]
             except CheckpointError as e:
                 log.warning("%s; computing the features again", e)
-    feats, labels = extract_features(encoder, image_loader(source, indices, cfg, env, img_size=img_size),
+    feats, labels = loader_features(encoder, image_loader(source, indices, cfg, env, img_size=img_size),
                                      cfg.pool, env.device, cfg.precision)
     if path is not None and env.is_main:
         try:
@@ -293,13 +244,14 @@ def write_results(run_dir, command: str, results: dict) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "results.json"
-    write_text(path, json.dumps(results, indent=2, default=_jsonable) + "\n")
+    write_text(path, json.dumps(results, indent=2, default=_json_default) + "\n")
     print(f"{command}: top1 {results['top1']:.2f}%  top5 {results['top5']:.2f}%  "
           f"({results.get('num_val', '?')} validation images; {path})", flush=True)
     return path
 
 
-def _jsonable(v):
+def _json_default(v):
+    """json.dumps' fallback for the values results hold: paths, devices, tensors, NaN (as null)."""
     if isinstance(v, (Path, torch.device)):
         return str(v)
     if torch.is_tensor(v):

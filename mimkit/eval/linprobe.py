@@ -19,7 +19,8 @@ from timm.optim import Lars
 
 from ..config import LinprobeConfig, save_config
 from ..engine import effective_lr, fit, seed_everything, setup
-from .features import (FeatureLoader, eval_data, eval_img_size, features_for, freeze, load_eval_encoder,
+from ..models import freeze
+from .features import (FeatureLoader, eval_data, eval_img_size, features_for, load_eval_encoder,
                        topk_accuracy, write_results)
 
 log = logging.getLogger("mimkit")

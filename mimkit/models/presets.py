@@ -36,7 +36,8 @@ def list_models():
     return sorted(ENCODERS)
 
 
-def _resolve(name: str) -> dict:
+def encoder_preset(name: str) -> dict:
+    """The arch of the encoder preset ``name`` (a copy); a ValueError naming the closest preset if unknown."""
     if name not in ENCODERS:
         import difflib
         close = difflib.get_close_matches(name, ENCODERS, n=1)
@@ -51,7 +52,7 @@ def default_decoder(name: str) -> dict:
 
 def create_encoder(name: str = "vit_base_patch16_224", **overrides) -> MaskedViT:
     """A ViT encoder by preset name; keyword overrides (img_size, drop_path_rate, num_classes, ...) win."""
-    return MaskedViT(**{**_resolve(name), **overrides})
+    return MaskedViT(**{**encoder_preset(name), **overrides})
 
 
 def create_mae(name: str = "vit_base_patch16_224", *, decoder_dim=None, decoder_depth=None, decoder_heads=None,

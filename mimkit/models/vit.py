@@ -115,7 +115,7 @@ class MaskedViT(VisionTransformer):
             for blk in self.blocks:
                 x = blk(x, attn_mask=attn_mask)
         elif self.grad_checkpointing and torch.is_grad_enabled():
-            from timm.models._manipulate import checkpoint_seq
+            from timm.models import checkpoint_seq
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)

@@ -34,7 +34,6 @@ from ..errors import ConfigError
 from ..masking import random_masking, uniform
 from ..models.igpt import PixelTransformer
 from ..models.pixels import to_unit
-from ..models.presets import ENCODERS
 from .base import ObjectiveOptions, check_fraction, check_positive, masked_mean, resolve_mask_ratio
 
 log = logging.getLogger("mimkit")
@@ -80,9 +79,11 @@ class IGPTObjective(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, options: IGPTOptions) -> "IGPTObjective":
-        if cfg.model not in ENCODERS:
-            raise ConfigError(f"--model: unknown model {cfg.model!r}")
-        preset = ENCODERS[cfg.model]
+        from ..models.presets import encoder_preset
+        try:
+            preset = encoder_preset(cfg.model)
+        except ValueError as e:
+            raise ConfigError(f"--model: {e}") from None
         img_size = cfg.img_size or preset["img_size"]
         res = options.resolution or max(1, img_size // 2)
         if img_size % res:

@@ -1,4 +1,4 @@
-"""Checkpoints in and out: mimkit's own, the official MAE release, Hugging Face ViTMAE and timm.
+"""The one checkpoint reader: mimkit's own, the official MAE release, Hugging Face ViTMAE and timm.
 
 Reading (:func:`load`, :func:`load_encoder`, :func:`load_mae`) takes any of
 
@@ -19,9 +19,7 @@ in the weights: files that record them are believed, otherwise the standard coun
 reported, never silently dropped; a tensor of the wrong shape is a :class:`CheckpointError` naming it and both
 shapes.
 
-Writing (:func:`export`) produces the encoder as timm weights, the whole MAE as a Hugging Face directory that
-``transformers.ViTMAEForPreTraining.from_pretrained`` loads, or the official ``.pth`` layout; safetensors
-wherever the target reads it.
+The format-specific names live in :mod:`.hf`, :mod:`.official` and :mod:`.timm`; writing is :mod:`.export`.
 """
 import argparse
 import json
@@ -34,92 +32,71 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..errors import CheckpointError
 from ..models import MaskedAutoencoder, MaskedViT
 from ..models.pos_embed import sincos_2d
 from ..models.presets import DECODERS
-from ..files import write_atomic, write_json
-from .io import check_state_dict, load_checkpoint, load_latest, save_checkpoint
-from ..errors import CheckpointError
+from .hf import from_hf, is_hf
+from .io import check_state_dict, load_checkpoint, load_latest
+from .official import fold_linprobe_head, official_hints
+from .source import Source
+from .timm import timm_hints
 
 log = logging.getLogger("mimkit")
 
 FORMATS = ("mimkit", "mae", "hf", "timm")
-EXPORT_FORMATS = ("timm", "hf", "mae")
 # attention heads by width (ViT-Ti/S/B/L/H and mimkit's micro preset); other widths: 64 channels per head
 STANDARD_HEADS = {96: 3, 192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 DECODER_HEAD_DIM = 32  # MAE's decoder: 512 wide with 16 heads
-LINPROBE_BN_EPS = 1e-6  # the official linear probe's BatchNorm1d(affine=False, eps=1e-6)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json", "open_clip_model.safetensors")
 
 
-# a checkpoint in mimkit's names ---------------------------------------------------------------------------
-class _Source:
-    """A checkpoint rewritten into mimkit MAE names, with where each tensor came from."""
-
-    def __init__(self, path: str, fmt: str):
-        self.path, self.format, self.kind = str(path), fmt, None
-        self.tensors: Dict[str, torch.Tensor] = {}
-        self.origin: Dict[str, str] = {}  # mimkit name -> name in the file
-        self.unused: List[str] = []  # names in the file that map to nothing
-        self.hints: dict = {}  # what the files say: num_heads, decoder_heads, mask_ratio, norm_pix_loss, ...
-        self.notes: List[str] = []
-        self.raw, self.arch = None, None  # a mimkit checkpoint's own state dict and arch
-        self.used: set = set()  # mimkit names copied into the model
-
-    def add(self, name: str, tensor: torch.Tensor, origin: str):
-        self.tensors[name] = tensor
-        self.origin[name] = origin
-
-    def where(self, name: str) -> str:
-        return self.origin.get(name, name)
-
-    def error(self, msg: str) -> CheckpointError:
-        return CheckpointError(f"{self.path}: {msg}")
-
-
-def _read(path) -> _Source:
+# reading files ----------------------------------------------------------------------------------------------
+def read(path) -> Source:
+    """Any supported checkpoint (see the module docstring) rewritten into mimkit MAE names; a mimkit checkpoint
+    also keeps its kind, stored arch and own state dict (``Source.kind``, ``.arch``, ``.raw``); ``hf://ORG/NAME[@REV]``
+    is read from its copy in the Hugging Face cache (:mod:`.hub`)."""
     from .hub import resolve_path
-    p = Path(resolve_path(path)).expanduser()  # hf://ORG/NAME[@REV]: its copy in the Hugging Face cache
+    p = Path(resolve_path(path)).expanduser()
     if p.is_dir():
         if (p / "checkpoints").is_dir():
             state = load_latest(p)
             if state is None:
                 raise CheckpointError(f"no checkpoint found in run directory {p} (looked in {p / 'checkpoints'})")
-            return _from_object(state, state.get("_path", str(p)))
+            return from_object(state, state.get("_path", str(p)))
         cfg_file = p / "config.json"
         if cfg_file.is_file():
-            cfg = _read_json(cfg_file)
-            tensors, meta = _read_weights(_weights_in(p))
+            cfg = read_json(cfg_file)
+            tensors, meta = read_weights(weights_in(p))
             if "model_type" in cfg:
-                return _from_hf(tensors, cfg, str(p))
+                return from_hf(tensors, cfg, str(p))
             if "architecture" in cfg:
-                return _from_flat(tensors, str(p), "timm", arch=_mimkit_arch(meta), hints=_timm_hints(cfg))
+                return from_flat(tensors, str(p), "timm", arch=mimkit_arch(meta), hints=timm_hints(cfg))
         raise CheckpointError(f"{p} is a directory but not a checkpoint: expected a mimkit run (checkpoints/), a "
                               f"Hugging Face ViTMAE directory or a timm folder (config.json + weights)")
     if not p.is_file():
         raise CheckpointError(f"no such checkpoint: {p}")
     if p.name.endswith(".index.json"):
-        tensors, meta = _read_weights(p)
+        tensors, meta = read_weights(p)
     elif p.suffix == ".safetensors":
-        tensors, meta = _read_weights(p)
+        tensors, meta = read_weights(p)
     else:
-        return _from_object(_torch_load(p), str(p))
-    if _is_hf(tensors):
+        return from_object(torch_load(p), str(p))
+    if is_hf(tensors):
         cfg_file = p.parent / "config.json"
-        return _from_hf(tensors, _read_json(cfg_file) if cfg_file.is_file() else None, str(p))
-    return _from_flat(tensors, str(p), meta.get("mimkit_format", "timm"), arch=_mimkit_arch(meta))
+        return from_hf(tensors, read_json(cfg_file) if cfg_file.is_file() else None, str(p))
+    return from_flat(tensors, str(p), meta.get("mimkit_format", "timm"), arch=mimkit_arch(meta))
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
-def _weights_in(d: Path) -> Path:
+def weights_in(d: Path) -> Path:
     for name in _WEIGHT_FILES:
         if (d / name).is_file():
             return d / name
@@ -131,15 +108,15 @@ def _weights_in(d: Path) -> Path:
                           f"*.bin, *.pth)")
 
 
-def _read_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
+def read_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
     """Tensors and safetensors metadata of a weights file (or of every shard an index names)."""
     if path.name.endswith(".index.json"):
-        files = sorted(set(_read_json(path).get("weight_map", {}).values()))
+        files = sorted(set(read_json(path).get("weight_map", {}).values()))
         if not files:
             raise CheckpointError(f"{path}: an index naming no shards")
         tensors, meta = {}, {}
         for f in files:
-            t, m = _read_weights(path.parent / f)
+            t, m = read_weights(path.parent / f)
             tensors.update(t)
             meta.update(m)
         return tensors, meta
@@ -155,19 +132,19 @@ def _read_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
         except Exception as e:  # safetensors raises its own SafetensorError for damaged files
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"cannot read {path}: {why}") from None
-    obj = _torch_load(path)
+    obj = torch_load(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     return obj, {}
 
 
-def _torch_load(path: Path):
+def torch_load(path: Path):
     # official MAE training checkpoints carry their argparse options; a Namespace only holds plain values
     with torch.serialization.safe_globals([argparse.Namespace]):
         return load_checkpoint(path)
 
 
-def _mimkit_arch(meta: dict) -> Optional[dict]:
+def mimkit_arch(meta: dict) -> Optional[dict]:
     text = meta.get("mimkit_arch")
     try:
         return json.loads(text) if text else None
@@ -175,12 +152,8 @@ def _mimkit_arch(meta: dict) -> Optional[dict]:
         return None
 
 
-def _timm_hints(cfg: dict) -> dict:
-    args = cfg.get("model_args") or {}
-    return {"num_heads": args["num_heads"]} if "num_heads" in args else {}
 
-
-def _from_object(obj, path: str) -> _Source:
+def from_object(obj, path: str) -> Source:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors (a state dict or a checkpoint), "
                               f"got {type(obj).__name__}")
@@ -188,17 +161,12 @@ def _from_object(obj, path: str) -> _Source:
         if not isinstance(obj.get("model"), dict):
             raise CheckpointError(f"{path}: a mimkit checkpoint without its 'model' entry")
         try:
-            src = _from_flat(obj["model"], path, "mimkit", arch=obj.get("arch") or {})
+            src = from_flat(obj["model"], path, "mimkit", arch=obj.get("arch") or {})
         except CheckpointError:  # an objective whose encoder is not a ViT (iGPT): only its own build reads it
-            src = _Source(path, "mimkit")
+            src = Source(path, "mimkit")
         src.kind, src.raw, src.arch = obj.get("kind"), obj["model"], obj.get("arch") or {}
         return src
-    hints = {}
-    args = obj.get("args")
-    if isinstance(args, argparse.Namespace):
-        args = vars(args)
-    if isinstance(args, dict):  # an official training checkpoint's options
-        hints.update({k: args[k] for k in ("mask_ratio", "norm_pix_loss") if k in args})
+    hints = official_hints(obj)
     for key in ("model", "state_dict", "module"):
         if isinstance(obj.get(key), dict):
             inner, fmt = obj[key], "mae"
@@ -206,14 +174,14 @@ def _from_object(obj, path: str) -> _Source:
     else:
         inner, fmt = obj, "timm"
     arch = obj.get("mimkit_arch") if isinstance(obj.get("mimkit_arch"), dict) else None
-    return _from_flat(inner, path, fmt, arch=arch, hints=hints)
+    return from_flat(inner, path, fmt, arch=arch, hints=hints)
 
 
-def _from_flat(sd: dict, path: str, fmt: str, arch: Optional[dict] = None, hints: Optional[dict] = None) -> _Source:
+def from_flat(sd: dict, path: str, fmt: str, arch: Optional[dict] = None, hints: Optional[dict] = None) -> Source:
     """A state dict in timm / official MAE / mimkit names, under any prefix (``module.``, ``model.``)."""
     tensors = {k: v for k, v in sd.items() if torch.is_tensor(v)}
-    if _is_hf(tensors):
-        return _from_hf(tensors, None, path)
+    if is_hf(tensors):
+        return from_hf(tensors, None, path)
     ends = "patch_embed.proj.weight"
     prefixes = [k[:-len(ends)] for k in tensors if k.endswith(ends)]
     if not prefixes:
@@ -221,7 +189,7 @@ def _from_flat(sd: dict, path: str, fmt: str, arch: Optional[dict] = None, hints
         raise CheckpointError(f"{path}: no ViT encoder found (no '...{ends}' tensor; its tensors begin {first})")
     enc = min(prefixes, key=lambda c: (not c.endswith("encoder."), len(c)))  # objectives keep theirs in 'encoder.'
     dec = enc[:-len("encoder.")] if enc.endswith("encoder.") else enc
-    src = _Source(path, fmt)
+    src = Source(path, fmt)
     for k, v in tensors.items():
         rest = k[len(dec):] if k.startswith(dec) else None
         if rest is not None and (rest == "mask_token" or rest.startswith("decoder_")):
@@ -230,160 +198,20 @@ def _from_flat(sd: dict, path: str, fmt: str, arch: Optional[dict] = None, hints
             src.add("encoder." + k[len(enc):], v, k)
         else:
             src.unused.append(k)
-    _fold_linprobe_head(src)
+    fold_linprobe_head(src)
     src.hints.update(hints or {})
     if arch:
         _hints_from_arch(src, arch)
     return src
 
 
-def _hints_from_arch(src: _Source, arch: dict):
+def _hints_from_arch(src: Source, arch: dict):
     enc = arch.get("encoder") if isinstance(arch.get("encoder"), dict) else arch
     if "num_heads" in enc:
         src.hints["num_heads"] = int(enc["num_heads"])
     for k in ("decoder_heads", "mask_ratio", "norm_pix_loss", "pred_dim"):
         if k in arch:
             src.hints[k] = arch[k]
-
-
-def _fold_linprobe_head(src: _Source):
-    """The official linear probe's head is BatchNorm1d(affine=False) then Linear: fold them into one exact Linear."""
-    t = src.tensors
-    if "encoder.head.1.weight" not in t or "encoder.head.0.running_mean" not in t:
-        return
-    w, b = t.pop("encoder.head.1.weight"), t.pop("encoder.head.1.bias")
-    mean, var = t.pop("encoder.head.0.running_mean"), t.pop("encoder.head.0.running_var")
-    scale = (var.double() + LINPROBE_BN_EPS).rsqrt()
-    if "encoder.head.0.weight" in t:  # an affine BatchNorm
-        scale = scale * t.pop("encoder.head.0.weight").double()
-        shift = t.pop("encoder.head.0.bias").double() - mean.double() * scale
-    else:
-        shift = -mean.double() * scale
-    t.pop("encoder.head.0.num_batches_tracked", None)
-    src.add("encoder.head.weight", (w.double() * scale).to(w.dtype), src.where("encoder.head.1.weight"))
-    src.add("encoder.head.bias", (b.double() + w.double() @ shift).to(b.dtype), src.where("encoder.head.1.bias"))
-    src.notes.append(f"linear-probe head: BatchNorm (eps {LINPROBE_BN_EPS:g}) folded into the linear head")
-
-
-# Hugging Face names ------------------------------------------------------------------------------------
-_HF_FIXED = {  # HF (without the 'vit.' prefix of ViTMAEForPreTraining) -> mimkit
-    "embeddings.cls_token": "encoder.cls_token",
-    "embeddings.position_embeddings": "encoder.pos_embed",
-    "embeddings.patch_embeddings.projection.weight": "encoder.patch_embed.proj.weight",
-    "embeddings.patch_embeddings.projection.bias": "encoder.patch_embed.proj.bias",
-    "layernorm.weight": "encoder.norm.weight",
-    "layernorm.bias": "encoder.norm.bias",
-    "decoder.mask_token": "mask_token",
-    "decoder.decoder_pos_embed": "decoder_pos_embed",
-    "decoder.decoder_embed.weight": "decoder_embed.weight",
-    "decoder.decoder_embed.bias": "decoder_embed.bias",
-    "decoder.decoder_norm.weight": "decoder_norm.weight",
-    "decoder.decoder_norm.bias": "decoder_norm.bias",
-    "decoder.decoder_pred.weight": "decoder_pred.weight",
-    "decoder.decoder_pred.bias": "decoder_pred.bias",
-}
-# inside a layer: the on-disk names (all transformers versions write these), then transformers 5's module names
-_HF_LAYER = [
-    ("attention.attention.query.", 0), ("attention.attention.key.", 1), ("attention.attention.value.", 2),
-    ("attention.q_proj.", 0), ("attention.k_proj.", 1), ("attention.v_proj.", 2),
-    ("attention.output.dense.", "attn.proj."), ("attention.o_proj.", "attn.proj."),
-    ("intermediate.dense.", "mlp.fc1."), ("output.dense.", "mlp.fc2."),
-    ("mlp.fc1.", "mlp.fc1."), ("mlp.fc2.", "mlp.fc2."),
-    ("layernorm_before.", "norm1."), ("layernorm_after.", "norm2."),
-]
-_HF_ENC_LAYER = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
-# transformers 5.x save_pretrained writes decoder layers as 'decoder_encoder.layer.N' (a renaming slip): read it too
-_HF_DEC_LAYER = re.compile(r"^decoder\.(?:decoder_layers|decoder_encoder\.layer)\.(\d+)\.(.+)$")
-_QKV = ("query", "key", "value")
-
-
-def _is_hf(tensors: dict) -> bool:
-    return any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in tensors)
-
-
-def _from_hf(tensors: dict, cfg: Optional[dict], path: str) -> _Source:
-    src = _Source(path, "hf")
-    parts: Dict[Tuple[str, str], Dict[int, Tuple[torch.Tensor, str]]] = {}
-    for key, v in tensors.items():
-        k = key[len("vit."):] if key.startswith("vit.") else key
-        if k in _HF_FIXED:
-            src.add(_HF_FIXED[k], v, key)
-            continue
-        m = _HF_ENC_LAYER.match(k) or _HF_DEC_LAYER.match(k)
-        block = None
-        if m:
-            block = (f"encoder.blocks.{m.group(1)}." if k.startswith(("encoder", "layers"))
-                     else f"decoder_blocks.{m.group(1)}.")
-            for hf, ours in _HF_LAYER:
-                if m.group(2).startswith(hf):
-                    leaf = m.group(2)[len(hf):]
-                    if isinstance(ours, int):
-                        parts.setdefault((block + "attn.qkv.", leaf), {})[ours] = (v, key)
-                    else:
-                        src.add(block + ours + leaf, v, key)
-                    break
-            else:
-                block = None
-        if block is None:
-            src.unused.append(key)
-    for (block, leaf), got in parts.items():
-        if len(got) == 3:
-            origin = got[0][1].replace("query", "{query,key,value}")
-            src.add(block + leaf, torch.cat([got[i][0] for i in range(3)], 0), origin)
-        else:
-            src.unused.extend(t[1] for t in got.values())
-    if cfg:
-        _hints_from_hf_config(src, cfg)
-    return src
-
-
-def _hints_from_hf_config(src: _Source, cfg: dict):
-    if cfg.get("model_type") not in ("vit_mae", "vit"):
-        raise src.error(f"config.json has model_type {cfg.get('model_type')!r}; expected 'vit_mae' (ViTMAE)")
-    if cfg.get("hidden_act", "gelu") != "gelu":
-        raise src.error(f"config.json hidden_act {cfg['hidden_act']!r}: mimkit's ViT uses exact GELU ('gelu')")
-    if cfg.get("qkv_bias", True) is False:
-        raise src.error("config.json qkv_bias is false: mimkit's ViT (as MAE's) has query/key/value biases")
-    h = src.hints
-    h["num_heads"] = cfg.get("num_attention_heads", 12)
-    h["decoder_heads"] = cfg.get("decoder_num_attention_heads", 16)
-    for k in ("mask_ratio", "norm_pix_loss"):
-        if k in cfg:
-            h[k] = cfg[k]
-    eps = cfg.get("layer_norm_eps", 1e-12)
-    if eps != 1e-6:
-        src.notes.append(f"config.json layer_norm_eps {eps:g}: mimkit uses MAE's 1e-6 (a negligible difference)")
-
-
-def _to_hf(named: Dict[str, torch.Tensor], prefix: str) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """mimkit MAE names -> the on-disk names of transformers' ViTMAE (``prefix`` 'vit.' for ViTMAEForPreTraining)."""
-    inverse = {v: k for k, v in _HF_FIXED.items()}
-    sub = {"attn.proj.": "attention.output.dense.", "mlp.fc1.": "intermediate.dense.", "mlp.fc2.": "output.dense.",
-           "norm1.": "layernorm_before.", "norm2.": "layernorm_after."}
-    out, skipped = {}, []
-    for name, t in named.items():
-        if name in inverse:
-            key = inverse[name]
-            out[key if key.startswith("decoder.") else prefix + key] = t
-            continue
-        m = re.match(r"^encoder\.blocks\.(\d+)\.(.+)$", name) or re.match(r"^decoder_blocks\.(\d+)\.(.+)$", name)
-        if not m:
-            skipped.append(name)
-            continue
-        layer = (f"{prefix}encoder.layer.{m.group(1)}." if name.startswith("encoder.")
-                 else f"decoder.decoder_layers.{m.group(1)}.")
-        rest = m.group(2)
-        if rest.startswith("attn.qkv."):
-            for part, chunk in zip(_QKV, t.chunk(3, 0)):
-                out[f"{layer}attention.attention.{part}.{rest[len('attn.qkv.'):]}"] = chunk
-            continue
-        for ours, hf in sub.items():
-            if rest.startswith(ours):
-                out[layer + hf + rest[len(ours):]] = t
-                break
-        else:
-            skipped.append(name)
-    return out, skipped
 
 
 # architecture from the tensors ----------------------------------------------------------------------------
@@ -395,14 +223,14 @@ def _count_blocks(tensors, prefix: str) -> int:
     return len(found)
 
 
-def _need(src: _Source, name: str) -> torch.Tensor:
+def _need(src: Source, name: str) -> torch.Tensor:
     if name not in src.tensors:
         what = "an MAE decoder" if "decoder" in name else "a ViT"
         raise src.error(f"tensor {name!r} is missing, so this is not {what} as mimkit knows it")
     return src.tensors[name]
 
 
-def _encoder_arch(src: _Source) -> Tuple[dict, dict]:
+def _encoder_arch(src: Source) -> Tuple[dict, dict]:
     """(arch, extra): MaskedViT's arch dict, plus num_classes / global_pool for a classification head."""
     t = src.tensors
     w = _need(src, "encoder.patch_embed.proj.weight")
@@ -446,11 +274,11 @@ def _encoder_arch(src: _Source) -> Tuple[dict, dict]:
     return arch, extra
 
 
-def _has_decoder(src: _Source) -> bool:
+def _has_decoder(src: Source) -> bool:
     return "decoder_embed.weight" in src.tensors
 
 
-def _decoder_arch(src: _Source, enc: dict) -> dict:
+def _decoder_arch(src: Source, enc: dict) -> dict:
     t = src.tensors
     w = t["decoder_embed.weight"]
     dim = w.shape[0]
@@ -484,7 +312,7 @@ def _is_sincos(t: torch.Tensor) -> bool:
     return g * g == n and t.shape[-1] % 4 == 0 and torch.allclose(t.float(), sincos_2d(t.shape[-1], g, g), atol=1e-4)
 
 
-def _assign(module: nn.Module, src: _Source, prefix: str = "", optional: Tuple[str, ...] = (),
+def _assign(module: nn.Module, src: Source, prefix: str = "", optional: Tuple[str, ...] = (),
             refit: bool = False) -> List[str]:
     """Copy ``src`` tensors named ``prefix + key`` into ``module``; returns the module's keys left as they were.
 
@@ -525,7 +353,7 @@ def _assign(module: nn.Module, src: _Source, prefix: str = "", optional: Tuple[s
     return missing
 
 
-def _refit_positions(name: str, v: torch.Tensor, want: torch.Tensor, src: _Source, refit: bool) -> torch.Tensor:
+def _refit_positions(name: str, v: torch.Tensor, want: torch.Tensor, src: Source, refit: bool) -> torch.Tensor:
     what = src.where(name)
     if refit and name in ("encoder.pos_embed", "decoder_pos_embed", "pos_embed") and v.ndim == 3 and \
             v.shape[0] == want.shape[0] and v.shape[2] == want.shape[2]:
@@ -544,7 +372,7 @@ def _refit_positions(name: str, v: torch.Tensor, want: torch.Tensor, src: _Sourc
                     f"{tuple(want.shape)}{hint}")
 
 
-def _info(src: _Source, model: nn.Module, missing: List[str], decoder_initialised: bool) -> dict:
+def _info(src: Source, model: nn.Module, missing: List[str], decoder_initialised: bool) -> dict:
     unused = list(src.unused) + [src.where(k) for k in src.tensors if k not in src.used]
     return {"path": src.path, "format": src.format, "kind": src.kind, "arch": dict(getattr(model, "arch", {})),
             "unused": unused, "missing": missing, "decoder_initialised": decoder_initialised, "notes": list(src.notes)}
@@ -559,8 +387,10 @@ def _report(info: dict, quiet_prefixes: Tuple[str, ...] = ()):
         log.warning("%s: %d tensor(s) not used: %s", info["path"], len(loud), shown)
 
 
-def _objective(src: _Source):
+def _objective(src: Source):
     """A mimkit checkpoint's objective rebuilt from its stored arch, every tensor loaded (None: kind unknown)."""
+    # checkpoints sit above objectives (DEVELOPING.md's layers): a model exactly as trained needs its objective;
+    # imported on use so that objectives may read their own files (a BEiT tokenizer) through checkpoints.io
     from ..objectives import OBJECTIVES
     if src.raw is None or src.kind not in OBJECTIVES:
         return None
@@ -574,7 +404,7 @@ def _objective(src: _Source):
     return obj.eval()
 
 
-def _encoder_from(src: _Source, model: Optional[MaskedViT] = None, num_heads: Optional[int] = None):
+def _encoder_from(src: Source, model: Optional[MaskedViT] = None, num_heads: Optional[int] = None):
     obj = _objective(src) if model is None else None
     if obj is not None:  # exactly as trained (any encoder class the objective uses)
         info = _info(src, obj.encoder, [], False)
@@ -595,7 +425,7 @@ def _encoder_from(src: _Source, model: Optional[MaskedViT] = None, num_heads: Op
     return model, info
 
 
-def _mae_from(src: _Source, allow_missing_decoder: bool = True, model: Optional[MaskedAutoencoder] = None,
+def _mae_from(src: Source, allow_missing_decoder: bool = True, model: Optional[MaskedAutoencoder] = None,
               decoder: Optional[dict] = None, mask_ratio: Optional[float] = None,
               norm_pix_loss: Optional[bool] = None, num_heads: Optional[int] = None):
     obj = _objective(src) if model is None and src.kind == "mae" else None
@@ -645,6 +475,10 @@ def _mae_from(src: _Source, allow_missing_decoder: bool = True, model: Optional[
     return model, info
 
 
+def _source(path_or_source) -> Source:
+    return path_or_source if isinstance(path_or_source, Source) else read(path_or_source)
+
+
 def load_encoder(path, *, model: Optional[MaskedViT] = None, num_heads: Optional[int] = None) -> MaskedViT:
     """The ViT encoder of any supported checkpoint (see the module docstring), as a :class:`MaskedViT`.
 
@@ -653,9 +487,9 @@ def load_encoder(path, *, model: Optional[MaskedViT] = None, num_heads: Optional
     ``num_heads``: the attention heads, for widths whose standard count is not right.
     What was loaded is in ``encoder.checkpoint_info`` (the dict :func:`load_mae` returns). A mimkit checkpoint
     of any objective is rebuilt from its stored arch, so its encoder is exactly the trained one (iGPT's too).
-    Models come back in eval mode.
+    Models come back in eval mode. ``path`` may also be what :func:`read` returned (to see its kind and arch first).
     """
-    return _encoder_from(_read(path), model, num_heads)[0]
+    return _encoder_from(_source(path), model, num_heads)[0]
 
 
 def load_mae(path, allow_missing_decoder: bool = True, *, model: Optional[MaskedAutoencoder] = None,
@@ -674,175 +508,14 @@ def load_mae(path, allow_missing_decoder: bool = True, *, model: Optional[Masked
     The dict: path, format (mimkit / mae / hf / timm), kind, arch, unused (names in the file not used), missing
     (model tensors not from the file), decoder_initialised (bool), notes.
     """
-    return _mae_from(_read(path), allow_missing_decoder, model, decoder, mask_ratio, norm_pix_loss, num_heads)
+    return _mae_from(_source(path), allow_missing_decoder, model, decoder, mask_ratio, norm_pix_loss, num_heads)
 
 
 def load(path, *, num_heads: Optional[int] = None, **mae_options) -> nn.Module:
     """The model in any supported checkpoint: a :class:`MaskedAutoencoder` when it has a decoder, else the
     :class:`MaskedViT` encoder (with its classification head, if any). ``model.checkpoint_info`` says what was
     loaded. ``mae_options`` (mask_ratio, norm_pix_loss) go to :func:`load_mae` when there is a decoder."""
-    src = _read(path)
+    src = _source(path)
     if _has_decoder(src):
         return _mae_from(src, False, num_heads=num_heads, **mae_options)[0]
     return _encoder_from(src, num_heads=num_heads)[0]
-
-
-# export ------------------------------------------------------------------------------------------------------
-def _split(model) -> Tuple[Optional[MaskedAutoencoder], MaskedViT]:
-    if isinstance(model, MaskedAutoencoder):
-        return model, model.encoder
-    if isinstance(model, MaskedViT):
-        return None, model
-    inner = getattr(model, "model", None)  # an objective wrapping a MaskedAutoencoder
-    if isinstance(inner, MaskedAutoencoder):
-        return inner, inner.encoder
-    enc = getattr(model, "encoder", None)
-    if isinstance(enc, MaskedViT):
-        return None, enc
-    raise TypeError(f"cannot export a {type(model).__name__}: expected a MaskedAutoencoder, a MaskedViT or a path")
-
-
-def _encoder_arch_of(enc: MaskedViT) -> dict:
-    return dict(enc.arch, num_classes=int(enc.num_classes), global_pool=enc.global_pool or "token")
-
-
-def _plain(named: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    # own, contiguous CPU storage per tensor (safetensors refuses shared or strided ones)
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in named.items()}
-
-
-def _save_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: Optional[dict] = None) -> Path:
-    from safetensors.torch import save
-    data = save(_plain(tensors), metadata={"format": "pt", **(metadata or {})})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        write_atomic(path, data)
-    except OSError as e:
-        raise CheckpointError(f"could not write {path}: {e.strerror or e}") from None
-    return path
-
-
-def _timm_name(arch: dict) -> str:
-    """A timm entrypoint for this shape: the matching one when there is one, else the nearest by width (the
-    config's model_args carry the exact shape)."""
-    sizes = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
-    size = sizes.get(arch["embed_dim"], "base")
-    return f"vit_{size}_patch{14 if size == 'huge' else 16}_224"
-
-
-def _export_timm(enc: MaskedViT, out: Path) -> Path:
-    arch = _encoder_arch_of(enc)
-    sd = enc.state_dict()
-    meta = {"mimkit_format": "timm", "mimkit_arch": json.dumps(arch)}
-    if out.suffix in (".pth", ".pt", ".bin"):
-        return save_checkpoint(_plain(sd), out)
-    if out.suffix == ".safetensors":
-        return _save_safetensors(sd, out, meta)
-    out.mkdir(parents=True, exist_ok=True)  # a timm folder: timm.create_model('local-dir:OUT', pretrained=True)
-    size = arch["img_size"]
-    _save_safetensors(sd, out / "model.safetensors", meta)
-    model_args = {k: arch[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
-                                       "num_classes", "global_pool")}
-    write_json(out / "config.json", {
-        "architecture": _timm_name(arch), "num_classes": arch["num_classes"], "num_features": arch["embed_dim"],
-        "global_pool": arch["global_pool"], "model_args": model_args,
-        "pretrained_cfg": {"tag": "mimkit", "custom_load": False, "input_size": [3, size, size],
-                           "fixed_input_size": True, "interpolation": "bicubic", "crop_pct": 0.875,
-                           "crop_mode": "center", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                           "num_classes": arch["num_classes"], "pool_size": None, "first_conv": "patch_embed.proj",
-                           "classifier": "head"}})
-    return out
-
-
-def _hf_config(mae: Optional[MaskedAutoencoder], enc: MaskedViT) -> dict:
-    a = enc.arch
-    dec = mae.arch if mae is not None else dict(DECODERS["default"], mlp_ratio=4.0, mask_ratio=0.75,
-                                               norm_pix_loss=True)
-    return {
-        "architectures": ["ViTMAEForPreTraining" if mae is not None else "ViTMAEModel"],
-        "model_type": "vit_mae",
-        "hidden_size": a["embed_dim"], "num_hidden_layers": a["depth"], "num_attention_heads": a["num_heads"],
-        "intermediate_size": int(a["embed_dim"] * a["mlp_ratio"]), "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
-        "layer_norm_eps": 1e-6, "image_size": a["img_size"], "patch_size": a["patch_size"], "num_channels": 3,
-        "qkv_bias": True,
-        "decoder_hidden_size": dec["decoder_dim"], "decoder_num_hidden_layers": dec["decoder_depth"],
-        "decoder_num_attention_heads": dec["decoder_heads"],
-        "decoder_intermediate_size": int(dec["decoder_dim"] * dec["mlp_ratio"]),
-        "mask_ratio": dec["mask_ratio"], "norm_pix_loss": bool(dec["norm_pix_loss"]),
-    }
-
-
-def _export_hf(mae: Optional[MaskedAutoencoder], enc: MaskedViT, out: Path) -> Path:
-    if enc.global_pool == "avg" or isinstance(enc.norm, nn.Identity):
-        raise CheckpointError("a global-pool encoder (fc_norm, no final norm) has no Hugging Face ViTMAE equivalent; "
-                              "export it --to timm or --to mae")
-    if mae is not None and mae.arch.get("pred_dim"):
-        raise CheckpointError(f"this MAE predicts {mae.arch['pred_dim']} non-pixel targets per patch; Hugging Face "
-                              f"ViTMAE predicts pixels only (export --encoder-only, or --to mae)")
-    named = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
-    if mae is not None:
-        named.update({k: v for k, v in mae.state_dict().items() if not k.startswith("encoder.")})
-    hf, skipped = _to_hf(named, "vit." if mae is not None else "")
-    if skipped:
-        log.warning("ViTMAE has no place for %s: not exported", ", ".join(skipped))
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = _hf_config(mae, enc)
-    _save_safetensors(hf, out / "model.safetensors", {"mimkit_format": "hf"})
-    write_json(out / "config.json", cfg)
-    size = cfg["image_size"]
-    write_json(out / "preprocessor_config.json", {
-        "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
-        "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)})
-    return out
-
-
-def _export_mae(mae: Optional[MaskedAutoencoder], enc: MaskedViT, out: Path) -> Path:
-    sd = dict(enc.state_dict())  # official names are timm's for the encoder, unprefixed
-    arch = mae.arch if mae is not None else _encoder_arch_of(enc)
-    if mae is not None:
-        sd.update({k: v for k, v in mae.state_dict().items() if not k.startswith("encoder.")})
-    if out.suffix == ".safetensors":
-        return _save_safetensors(sd, out, {"mimkit_format": "mae", "mimkit_arch": json.dumps(arch)})
-    # the release layout {"model": state_dict}; 'mimkit_arch' (ignored by MAE's code) keeps the head count
-    return save_checkpoint({"model": _plain(sd), "mimkit_arch": arch}, out)
-
-
-def export(model_or_path, to: str, out, *, encoder_only: bool = False, overwrite: bool = False) -> Path:
-    """Write a model (or any supported checkpoint, by path) in another format; returns what was written.
-
-    * ``timm``: the encoder's state dict under timm's names. ``OUT.safetensors`` or ``OUT.pth``: a file that
-      ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=OUT))`` or
-      ``model.load_state_dict`` takes as is; any other ``OUT``: a folder (``config.json`` + ``model.safetensors``)
-      for ``timm.create_model('local-dir:OUT', pretrained=True)``.
-    * ``hf``: a directory (``config.json``, ``model.safetensors``, ``preprocessor_config.json``) for
-      ``transformers.ViTMAEForPreTraining.from_pretrained(OUT)`` (a ``ViTMAEModel`` when there is no decoder
-      or ``encoder_only``).
-    * ``mae``: the official release layout, ``{"model": state_dict}`` in a ``.pth`` (a flat ``.safetensors``
-      when ``OUT`` ends so).
-    """
-    if to not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {to!r}; choose from {', '.join(EXPORT_FORMATS)}")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} exists (overwrite=True / --force replaces it)")
-    model = load(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
-    mae, enc = _split(model)
-    if encoder_only:
-        mae = None
-    with torch.no_grad():
-        if to == "timm":
-            return _export_timm(enc, out)
-        if to == "hf":
-            return _export_hf(mae, enc, out)
-        return _export_mae(mae, enc, out)
-
-
-def export_command(cfg) -> Path:
-    """CLI ``mimkit export CHECKPOINT --to timm|hf|mae OUT``."""
-    model = load(cfg.checkpoint)
-    path = export(model, cfg.to, cfg.out, encoder_only=cfg.encoder_only, overwrite=cfg.force)
-    what = "encoder" if cfg.encoder_only or not isinstance(model, MaskedAutoencoder) or cfg.to == "timm" else "MAE"
-    log.info("wrote the %s of %s (%s) as %s: %s", what, cfg.checkpoint, model.checkpoint_info["format"], cfg.to, path)
-    return path
