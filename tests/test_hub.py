@@ -71,13 +71,16 @@ def test_not_cached_and_unknown_revision_are_one_line(cache):
 
 def test_official_release_on_the_hub_inits_pretraining_and_evaluates(cache, tmp_path):
     """--init hf://... starts pretraining from the cached official-layout weights and knn --checkpoint hf://...
-    evaluates them, both offline (the CLI path: the options' file check must let hf:// through)."""
+    evaluates them, both offline (the CLI path: the options' file check must let hf:// through); the run exported
+    --to hf loads with transformers' from_pretrained and AutoImageProcessor and its model card names the data,
+    the objective and the k-NN result (a card without the run's config or metrics fails this)."""
     import json
     from mimkit.cli import main
     from mimkit.checkpoints import load_latest
     assert main(["pretrain", "--init", "hf://org/official", "--model", "vit_micro_patch4_32", "--epochs", "1",
                  "--max-steps", "1", "--batch-size", "16", "--num-workers", "0", "--figure-every", "0",
-                 "--output", str(tmp_path / "run"), "--lr", "1e-12"]) == 0
+                 "--output", str(tmp_path / "run"), "--lr", "1e-12", "--eval-every", "1", "--eval-images",
+                 "100"]) == 0
     state = load_latest(tmp_path / "run")
     want = cache[0].encoder.state_dict()
     got = {k[len("model.encoder."):]: v for k, v in state["model"].items() if k.startswith("model.encoder.")}
@@ -85,3 +88,12 @@ def test_official_release_on_the_hub_inits_pretraining_and_evaluates(cache, tmp_
     assert main(["knn", "--checkpoint", "hf://org/official", "--output", str(tmp_path / "knn"), "--feature-cache",
                  "", "--num-workers", "0", "--train-images", "200"]) == 0
     assert json.loads((tmp_path / "knn" / "results.json").read_text())["top1"] > 0
+    assert main(["export", str(tmp_path / "run"), "--to", "hf", str(tmp_path / "hf")]) == 0
+    transformers = pytest.importorskip("transformers")
+    model = transformers.ViTMAEForPreTraining.from_pretrained(str(tmp_path / "hf"))
+    processor = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "hf"))
+    import numpy as np
+    pixels = processor(images=[np.zeros((40, 48, 3), dtype=np.uint8)], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32) and model.config.hidden_size == 96
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "data: `builtin`" in card and "objective: mae" in card and "k-NN top-1" in card
