@@ -12,7 +12,7 @@ install:
 # over the 100 held-out images. No k-NN here: on 100 images its standard error is ~4.5 points, more than two minutes
 # of pretraining move it (the CIFAR-10 results in the README measure it on 5,000).
 demo: install
-	$(PYTHON) -m mimkit.cli pretrain --config configs/demo.yaml --output $(DEMO)
+	$(PYTHON) -m mimkit.cli pretrain --config configs/demo.yaml --output $(DEMO) --overwrite
 	$(PYTHON) -m mimkit.cli reconstruct --checkpoint $(DEMO) --images builtin --val-fraction 0.1 --output $(DEMO)/figures
 
 test: install

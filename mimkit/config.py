@@ -32,10 +32,11 @@ def flag(name: str) -> str:
 # shared groups -------------------------------------------------------------------------------
 @dataclass
 class RunOptions:
-    output: str = opt("runs/run", "run directory: config, metrics, checkpoints, figures")
+    output: str = opt("", "run directory: config, metrics, checkpoints, figures ('': a new runs/COMMAND-TIME)")
     seed: int = opt(0, "random seed (data order, augmentation, masks, init)")
     device: str = opt("auto", "'auto' (cuda when present), 'cpu', 'cuda' or 'cuda:N'")
-    precision: str = opt("fp32", "numeric precision", ["fp32", "bf16", "fp16"])
+    precision: str = opt("auto", "numeric precision: auto is bf16 where the device runs it natively (GPUs with bf16, "
+                         "CPUs with AVX512-BF16 or AMX), else fp32; fp16 only on GPUs", ["auto", "fp32", "bf16", "fp16"])
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
     num_workers: int = opt(-1, "data loader worker processes (-1: automatic)")
     cache: str = opt("auto", "decode small data sets once into memory", ["auto", "on", "off"])
@@ -78,6 +79,7 @@ class EngineOptions:
     save_every: int = opt(0, "steps between checkpoints (0: at the end of each epoch only)")
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
     resume: bool = opt(False, "continue from the newest checkpoint in --output")
+    overwrite: bool = opt(False, "move a previous run in --output aside (to OUTPUT.old-TIME) and start afresh")
     deterministic: bool = opt(False, "deterministic algorithms, so a resumed run ends bit-identical")
     compile: bool = opt(False, "torch.compile the model")
     grad_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
@@ -184,6 +186,7 @@ class FinetuneConfig(EvalOptions, OptimOptions, EngineOptions):
 
 @dataclass
 class ReconstructConfig(RunOptions):
+    output: str = opt("runs/reconstruct", "folder of the figures and their scores")
     checkpoint: str = opt("", "MAE checkpoint with its decoder")
     images: str = opt("builtin", "image folder, archive, a single image file or 'builtin'")
     num_images: int = opt(8, "how many images to show (spread over the classes of --images, seeded by --seed)")
@@ -251,7 +254,8 @@ class EmbedConfig:
 @dataclass
 class TokenizerConfig(RunOptions, DataOptions, OptimOptions, EngineOptions):
     action: str = opt("train", "what to do (mimkit tokenizer train)", ["train"], positional=True)
-    output: str = opt("runs/tokenizer", "run directory: tokenizer.pt, tokenizer.json, checkpoints, metrics")
+    output: str = opt("", "run directory: tokenizer.pt, tokenizer.json, checkpoints, metrics "
+                          "('': a new runs/tokenizer-TIME)")
     patch_size: int = opt(4, "pixels per token side (a power of 2; the encoder's patch size, for BEiT)")
     codebook_size: int = opt(8192, "number of codes (BEiT's DALL-E tokenizer: 8192)")
     code_dim: int = opt(32, "width of a code vector")
@@ -358,7 +362,8 @@ class BenchConfig:
     configs: str = opt("tiny32,base224", "configurations to time, comma-separated: tiny32 (ViT-Ti, 32 px, batch 128), "
                        "base224 (ViT-B/16 + 512-d x 8 decoder; batch 16 on the CPU, 256 on a GPU), micro32 (tests)",
                        positional=True)
-    precision: str = opt("fp32,bf16", "precisions to time, comma-separated: fp32, bf16 (autocast, for the peers too)")
+    precision: str = opt("auto", "precisions to time, comma-separated: fp32, bf16 (autocast, for the peers too); auto: "
+                         "fp32, plus bf16 where the device runs it natively")
     peers: str = opt("hf,lightly", "peers timed beside mimkit, comma-separated: hf (transformers ViTMAE), lightly; "
                      "'none' for mimkit alone")
     batch_size: int = opt(0, "images per step (0: the configuration's)")
@@ -380,7 +385,7 @@ class BenchConfig:
     out: str = opt("", "write every measurement as JSON to this file")
 
     def validate(self):
-        for name, allowed in (("configs", BENCH_CONFIGS), ("precision", ("fp32", "bf16")),
+        for name, allowed in (("configs", BENCH_CONFIGS), ("precision", ("auto", "fp32", "bf16")),
                               ("peers", ("hf", "lightly", "none"))):
             values = [v.strip() for v in str(getattr(self, name)).split(",") if v.strip()]
             if not values:
@@ -421,6 +426,10 @@ def check_common(cfg):
         if getattr(cfg, n) < 0:
             raise ConfigError(f"{flag(n)} must be >= 0, got {getattr(cfg, n)}")
     check_run(cfg)
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues the run in --output, --overwrite moves it aside: choose one")
+    if cfg.resume and not cfg.output:
+        raise ConfigError("--resume needs --output: the run directory to continue")
     if getattr(cfg, "init", ""):
         check_file(cfg.init, "--init")
 

@@ -29,7 +29,8 @@ from timm.scheduler import CosineLRScheduler
 
 from .checkpoints.io import check_state_dict, load_latest, prune_checkpoints, save_checkpoint
 from .errors import ConfigError, DivergedError, Preempted
-from .precision import autocast
+from .precision import autocast, resolve as resolve_precision
+from .rundir import run_id as read_run_id
 from .trackers import open_tracker
 
 log = logging.getLogger("mimkit")
@@ -41,6 +42,7 @@ class Env:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    precision: str = "fp32"  # what --precision resolved to on this device (mimkit.precision.resolve)
 
     @property
     def is_main(self) -> bool:
@@ -63,7 +65,13 @@ def setup(cfg) -> Env:
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine")
-    device = torch.device(f"cuda:{local}" if want == "cuda" else want)
+    if want == "cuda":  # one process per visible GPU: two ranks on one GPU would fail inside NCCL, obscurely
+        count = torch.cuda.device_count()
+        if local >= count:
+            raise ConfigError(f"LOCAL_RANK {local} but only {count} GPU(s) visible: start one process per GPU "
+                              f"(torchrun --nproc-per-node {count})")
+        want = f"cuda:{local}"
+    device = torch.device(want)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -77,7 +85,12 @@ def setup(cfg) -> Env:
                                 timeout=timedelta(seconds=getattr(cfg, "dist_timeout", 600)))
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ConfigError("--precision fp16 needs a GPU (on the CPU use bf16)")
-    return Env(device, rank, world)
+    precision, why = resolve_precision(cfg.precision, device)
+    if cfg.precision == "auto" and rank == 0:
+        log.info("--precision auto: %s (%s)", precision, why)
+    elif precision == "bf16" and resolve_precision("auto", device)[0] != "bf16" and rank == 0:
+        log.warning("--precision bf16 on %s: %s", device, resolve_precision("auto", device)[1])
+    return Env(device, rank, world, precision)
 
 
 class StepRandom:
@@ -339,7 +352,7 @@ def _wrap(task, cfg, env: Env):
         model = torch.nn.parallel.DistributedDataParallel(
             task, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     forward = torch.compile(model) if cfg.compile else model
-    return model, forward, torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+    return model, forward, torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
 
 
 def _resume(task, optimizer, scaler, pos: Position, run_dir: Path, cfg, env: Env) -> bool:
@@ -375,7 +388,7 @@ class Accumulation:
 
     def forward(self, images, labels, rng: StepRandom, sync: bool) -> torch.Tensor:
         no_sync = nullcontext() if sync or not self.env.distributed else self.model.no_sync()
-        with no_sync, autocast(self.env.device, self.cfg.precision):
+        with no_sync, autocast(self.env.device, self.env.precision):
             loss = self.forward_fn(images, labels, rng)
             return loss["loss"] if isinstance(loss, dict) else loss
 
@@ -544,6 +557,7 @@ class CheckpointWriter:
                  extra_state: Optional[dict]):
         self.task, self.optimizer, self.scaler, self.pos = task, optimizer, scaler, pos
         self.cfg, self.run_dir, self.env, self.extra_state = cfg, run_dir, env, extra_state or {}
+        self.run_id = read_run_id(run_dir, create=env.is_main)  # checkpoints record it; pruning removes only this run's
 
     def __call__(self):
         if self.env.is_main:
@@ -554,9 +568,10 @@ class CheckpointWriter:
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": pos.step,
                 "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch, "total_steps": pos.total_steps,
                 "bad_steps": pos.bad_steps, "rng": _get_rng_state(), "config": _plain(vars(self.cfg)),
+                "run_id": self.run_id,
                 **self.extra_state,
             }, self.run_dir / "checkpoints" / f"checkpoint-{pos.step:08d}.pt")
-            prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+            prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints, self.run_id)
         if self.env.distributed:
             dist.barrier()
 

@@ -11,6 +11,7 @@ from .data import check_sample, make_loader, open_images, split_train_val, sprea
 from .data.hfdata import dataset_options
 from .engine import TrainResult, effective_lr, fit, seed_everything, setup
 from .objectives import check_objective, get_objective
+from . import rundir
 
 log = logging.getLogger("mimkit")
 
@@ -26,6 +27,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     """Pretrain on ``cfg.data`` (its training split only) and write everything to ``cfg.output``."""
     options = check_objective(cfg)  # the objective's name and options, before any work starts
     env = setup(cfg)
+    rundir.prepare(cfg, "pretrain", env)  # a new folder, or refuse to overwrite another run
     seed_everything(cfg.seed)
     objective = get_objective(cfg.objective).from_config(cfg, options)
     if getattr(objective, "mask_ratio", None) is not None:
@@ -56,7 +58,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
         save_config(cfg, run_dir / "config.yaml")
         log.info("pretraining %s (%s, %.1fM parameters) on %d images of %s (%d held out), lr %.2e, %s on %s",
                  cfg.objective, cfg.model, sum(p.numel() for p in objective.parameters()) / 1e6, len(train_idx),
-                 cfg.data, len(val_idx), lr, cfg.precision, env.device)
+                 cfg.data, len(val_idx), lr, env.precision, env.device)
 
     figure = _figure_callback(objective, source, val_idx if len(val_idx) else train_idx, img_size, run_dir, cfg, env)
     watch = _online_eval(objective, source, train_idx, val_idx, img_size, cfg, env)

@@ -19,8 +19,10 @@ def train_tokenizer(cfg) -> dict:
     from .errors import ConfigError
     from .data import check_sample, make_loader, open_images, split_train_val
     from .engine import effective_lr, fit, seed_everything, setup
+    from . import rundir
 
     env = setup(cfg)
+    rundir.prepare(cfg, "tokenizer", env)  # a new folder, or refuse to overwrite another run
     seed_everything(cfg.seed)
     img_size = cfg.img_size or 32
     if img_size % cfg.patch_size:

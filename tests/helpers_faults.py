@@ -102,7 +102,8 @@ class SyntheticLoader:
 class FaultyObjective(MAEObjective):
     """The MAE objective with faults by forward call number (1-based, counted in this process).
 
-    ``nan_at`` / ``inf_at``: calls whose loss is NaN / +inf (``nan_from``: every call from there on);
+    ``nan_at`` / ``inf_at``: calls whose loss is NaN / +inf (``nan_from``: every call from there on; ``nan_rank``:
+    only on that rank);
     ``sigterm_at`` (+ ``sigterm_rank``): the call that sends SIGTERM to this process; ``hang_at``: the call that
     sleeps forever;
     ``raise_at`` (+ ``raise_rank``): the call that raises RuntimeError on that rank.
@@ -110,11 +111,11 @@ class FaultyObjective(MAEObjective):
     name = "faulty"
 
     def __init__(self, model, nan_at=(), inf_at=(), nan_from=0, sigterm_at=0, sigterm_rank=-1, hang_at=0, raise_at=0,
-                 raise_rank=-1):
+                 raise_rank=-1, nan_rank=-1):
         super().__init__(model)
         self.nan_at, self.inf_at, self.nan_from = set(nan_at), set(inf_at), nan_from
         self.sigterm_at, self.sigterm_rank, self.hang_at = sigterm_at, sigterm_rank, hang_at
-        self.raise_at, self.raise_rank = raise_at, raise_rank
+        self.raise_at, self.raise_rank, self.nan_rank = raise_at, raise_rank, nan_rank
         self.calls = 0
 
     description = "MAE with injected faults (tests only)"
@@ -148,7 +149,7 @@ class FaultyObjective(MAEObjective):
             while True:
                 time.sleep(1)
         loss = super().forward(images, labels, rng)
-        if c in self.nan_at or (self.nan_from and c >= self.nan_from):
+        if (c in self.nan_at or (self.nan_from and c >= self.nan_from)) and self.nan_rank in (-1, rank):
             return loss * float("nan")
         if c in self.inf_at:
             return loss * float("inf")
@@ -212,6 +213,21 @@ def png_declaring(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
 
 
+def png_bomb(side: int) -> bytes:
+    """A whole, decodable black PNG of side x side pixels that compresses ~1000:1: a real decompression bomb
+    (17000 px: 289M pixels, 0.87 GB once decoded, from a file of under 1 MB)."""
+    assert side % 1000 == 0
+    rows = b"\x00" * ((1 + 3 * side) * 1000)  # 1000 rows of filter byte + RGB, all zero
+    z = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate: one block set, repeated (a full flush makes each
+    block = z.compress(rows) + z.flush(zlib.Z_FULL_FLUSH)  # independent), so building it stays fast
+    adler = 1
+    for _ in range(side // 1000):
+        adler = zlib.adler32(rows, adler)
+    body = b"\x78\x01" + block * (side // 1000) + z.flush() + struct.pack(">I", adler)
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
+
+
 def jpeg_declaring(width: int, height: int) -> bytes:
     """A valid small JPEG whose frame header (SOF0) is rewritten to claim ``width`` x ``height``."""
     data = bytearray(encode(noise_image(16, 16), "JPEG"))
@@ -261,6 +277,7 @@ def make_fuzz_folder(root: Path, n_good: int = 40):
     put("bomb_100000x100000.png", png_declaring(100_000, 100_000), True)
     put("bomb_20000x20000.png", png_declaring(20_000, 20_000), True)  # between PIL's warning and error limits
     put("bomb_65000x65000.jpg", jpeg_declaring(65_000, 65_000), True)
+    put("bomb_whole_17000x17000.png", png_bomb(17_000), True)  # decodes fully: only the pixel guard stops it
     # odd but valid: must be used, not skipped
     put("cmyk.jpg", encode(noise_image(40, 40).convert("CMYK"), "JPEG"), False)
     put("grey_16bit.png", encode(Image.fromarray((np.arange(40 * 40, dtype=np.uint16) * 40).reshape(40, 40)), "PNG"),
@@ -302,7 +319,34 @@ def make_fuzz_folder(root: Path, n_good: int = 40):
     return bad, good, ignored
 
 
+def current_rss() -> int:
+    """This process's resident memory now, bytes (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_rss() -> int:
+    """The peak resident memory of this process and of its finished children (data loader workers), bytes."""
+    import resource
+    return 1024 * max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+
+
 if __name__ == "__main__":  # the mimkit command, plus the 'faulty' objective
     register_faulty()
     from mimkit.cli import main
+    report = os.environ.get("MIMKIT_TEST_MEMORY_REPORT")
+    if report:  # the baseline is taken after every import training needs, so the report is the training's own cost
+        import json
+        import mimkit.pretrain  # noqa: F401
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            pass
+        baseline = current_rss()
+        code = main(sys.argv[1:])
+        Path(report).write_text(json.dumps({"baseline": baseline, "peak": peak_rss()}))
+        sys.exit(code)
     sys.exit(main(sys.argv[1:]))

@@ -18,11 +18,14 @@ PEERS = [p for p, mod in (("hf", "transformers"), ("lightly", "lightly")) if imp
 def _cfg(tmp_path, **kw):
     base = dict(configs="micro32", precision="fp32,bf16", peers=",".join(PEERS) or "none", repeats=2, warmup=1,
                 steps=1, data="builtin", data_batches=2, loss_check_steps=6, loss_check_batch=8, threads=1,
-                grad_checkpointing=True, out=str(tmp_path / "bench.json"))
+                grad_checkpointing=True, matmul_size=128, out=str(tmp_path / "bench.json"))
     return load_config(BenchConfig, overrides={**base, **kw})
 
 
 def test_bench_runs_once_on_a_tiny_configuration(tmp_path, capsys):
+    """The whole bench on micro32, and its numbers hold together: achieved FLOP/s = FLOPs x images/s, the matmul
+    fraction and the peer ratios are those quotients, and the FLOPs are the analytic count within 1%. A FLOP count
+    that misses the decoder (or counts the forward only), or a ratio taken the wrong way round, fails this."""
     result = bench(_cfg(tmp_path))
     saved = json.loads((tmp_path / "bench.json").read_text())
     md = (tmp_path / "bench.md").read_text()
@@ -31,13 +34,33 @@ def test_bench_runs_once_on_a_tiny_configuration(tmp_path, capsys):
     impls = {r["impl"] for r in result["results"]}
     assert impls == {"mimkit", "mimkit+ckpt", *PEERS}
     assert {r["precision"] for r in result["results"]} == {"fp32", "bf16"}
+    rows = {(r["impl"], r["precision"]): r for r in result["results"]}
     for r in result["results"]:
         ips = r["images_per_s"]
         assert len(ips["all"]) == 2 and ips["min"] <= ips["median"] <= ips["max"] and ips["min"] > 0
-        assert r["flops_per_image"] > 0 and 0 < r["fraction_of_matmul"]
+        # the derived columns are what they claim to be, computed from the measured ones
+        assert r["achieved_flops"] == pytest.approx(r["flops_per_image"] * ips["median"], rel=1e-9)
+        assert r["fraction_of_matmul"] == pytest.approx(
+            r["achieved_flops"] / result["matmul"][r["precision"]]["median"], rel=1e-9)
         assert r["memory"]["state_mb"] > 0
         if r["impl"] == "mimkit":
             assert set(r["vs"]) == set(PEERS)
+            for p in PEERS:
+                peer = rows[(p, r["precision"])]["images_per_s"]["median"]
+                assert r["vs"][p] == pytest.approx(ips["median"] / peer, rel=1e-9)
+    # FLOPs: the analytic count of the micro MAE's training step (3x the forward's matmuls, plus the fused CPU
+    # attention's recomputation of q @ k^T), within 1%
+    spec = peers.CONFIGS["micro32"]
+    e, d = spec.encoder, spec.dec
+    vis, n = 1 + 16, 65
+    per_block = lambda dim, tok: 2 * tok * 12 * dim * dim + 2 * 2 * tok * tok * dim  # noqa: E731
+    fwd = (e["depth"] * per_block(e["embed_dim"], vis) + d["decoder_depth"] * per_block(d["decoder_dim"], n)
+           + 2 * 16 * 48 * e["embed_dim"] + 2 * vis * e["embed_dim"] * d["decoder_dim"] + 2 * n * d["decoder_dim"] * 48)
+    recompute = 2 * vis ** 2 * e["embed_dim"] * e["depth"] + 2 * n ** 2 * d["decoder_dim"] * d["decoder_depth"]
+    for p in ("fp32", "bf16"):
+        assert rows[("mimkit", p)]["flops_per_image"] == pytest.approx(3 * fwd + recompute, rel=0.01)
+        # the model's FLOPs, not the recomputation: a checkpointed row does the same useful work, more slowly
+        assert rows[("mimkit+ckpt", p)]["flops_per_image"] == rows[("mimkit", p)]["flops_per_image"]
     for p in ("fp32", "bf16"):
         assert result["matmul"][p]["median"] > 0 and len(result["matmul"][p]["all"]) == 5 + 2  # opening + a probe per round
     dp = result["data_pipeline"]
@@ -54,7 +77,7 @@ def test_bench_runs_once_on_a_tiny_configuration(tmp_path, capsys):
 def test_cli_bench_mimkit_alone(tmp_path):
     out = tmp_path / "b.json"
     assert main(["bench", "micro32", "--peers", "none", "--precision", "fp32", "--repeats", "1", "--warmup", "1",
-                 "--steps", "1", "--data", "", "--threads", "1", "--out", str(out)]) == 0
+                 "--steps", "1", "--data", "", "--threads", "1", "--matmul-size", "128", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [r["impl"] for r in result["results"]] == ["mimkit"]
     assert result["data_pipeline"] is None and result["loss_check"] is None

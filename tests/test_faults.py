@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -102,16 +103,21 @@ def test_a_checkpoint_that_would_not_load_back_is_refused_before_writing(tmp_pat
 
 
 # SIGKILL while checkpoints are written ---------------------------------------------------------------------
-def _writer(run: Path):
-    """Write checkpoints forever, each twice (a new file, then an overwrite), resuming from the newest."""
-    state = load_latest(run)
-    step = state["step"] if state else 0
-    while True:
-        step += 1
-        for rev in (0, 1):
-            save_checkpoint({"model": {"w": torch.full((1_000_000,), float(step))}, "step": step, "rev": rev},
-                            run / "checkpoints" / f"checkpoint-{step:08d}.pt")
-        prune_checkpoints(run, 2)
+WRITER = """
+import sys, torch
+from pathlib import Path
+from mimkit.checkpoints.io import load_latest, prune_checkpoints, save_checkpoint
+run = Path(sys.argv[1])
+state = load_latest(run)
+step = state["step"] if state else 0
+print("ready", flush=True)
+while True:  # checkpoints forever, each twice (a new file, then an overwrite), resuming from the newest
+    step += 1
+    for rev in (0, 1):
+        save_checkpoint({"model": {"w": torch.full((1_000_000,), float(step))}, "step": step, "rev": rev},
+                        run / "checkpoints" / f"checkpoint-{step:08d}.pt")
+    prune_checkpoints(run, 2)
+"""
 
 
 def _writing(ckpt_dir: Path, pid: int) -> bool:
@@ -120,19 +126,18 @@ def _writing(ckpt_dir: Path, pid: int) -> bool:
 
 
 def test_sigkill_during_checkpoint_writes_never_leaves_a_damaged_checkpoint(tmp_path):
-    """A forked writer is SIGKILLed at random moments, half of them as soon as a write is seen in progress;
+    """A writer process is SIGKILLed at random moments, half of them as soon as a write is seen in progress;
     after each kill every committed checkpoint verifies and holds its own step, and nothing committed is lost."""
     rng = random.Random(SEED)
     run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     kills, mid_write, last = 0, 0, 0
     while kills < 12 or mid_write < 4:
         assert kills < 40, f"could not hit a write in progress ({mid_write} of {kills} kills did)"
-        pid = os.fork()
-        if pid == 0:  # the child never returns into pytest
-            try:
-                _writer(run)
-            finally:
-                os._exit(1)
+        # a fresh interpreter (spawned, not forked: a fork of pytest's process inherits its threads and state)
+        child = subprocess.Popen([sys.executable, "-c", WRITER, str(run)], env=child_env(), stdout=subprocess.PIPE,
+                                 text=True)
+        pid = child.pid
+        assert child.stdout.readline().strip() == "ready"  # imports done: the delays below count from here
         want_write, delay = kills % 2 == 0, rng.uniform(0.0, 0.3)
         t0 = time.time()
         while True:
@@ -141,13 +146,13 @@ def test_sigkill_during_checkpoint_writes_never_leaves_a_damaged_checkpoint(tmp_
             if not want_write and time.time() - t0 >= delay:
                 break
             if time.time() - t0 > 30:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                raise AssertionError("the forked writer made no progress in 30 s")
+                child.kill()
+                child.wait()
+                raise AssertionError("the writer made no progress in 30 s")
             time.sleep(0.0002)
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        child.kill()
+        assert child.wait() == -signal.SIGKILL
+        child.stdout.close()
         kills, mid_write = kills + 1, mid_write + _writing(ckpts, pid)
         for p in list_checkpoints(run):
             w = load_checkpoint(p)["model"]["w"]  # verifies the checksum; raises if damaged
@@ -173,7 +178,10 @@ def test_sigterm_checkpoints_and_resume_ends_like_an_uninterrupted_run(tmp_path)
     assert load_latest(cfg.output)["step"] == 3
     resumed, _, _ = fit_tiny(tiny_cfg(tmp_path / "b", resume=True))
     assert resumed.step == full.step == 8
-    _equal_states(load_latest(tmp_path / "a" / "run")["model"], load_latest(cfg.output)["model"])
+    a, b = load_latest(tmp_path / "a" / "run"), load_latest(cfg.output)
+    _equal_states(a["model"], b["model"])
+    for i in a["optimizer"]["state"]:  # AdamW's moments and step counts too
+        _equal_states(a["optimizer"]["state"][i], b["optimizer"]["state"][i])
 
 
 def test_non_finite_losses_are_skipped_and_counted(tmp_path):

@@ -18,7 +18,13 @@ torch.set_num_threads(1)
 PATCH = 4  # vit_micro_patch4_32
 TINY_NAMES = {"fuzz/one_pixel.png", "fuzz/smaller_than_a_patch_3x3.png"}
 PIPE = "fuzz/named_pipe.jpg"
-MEMORY_LIMIT = 1.5 * 2 ** 30  # peak RSS of the whole training process tree, bytes
+# Peak resident memory of training (main process or its loader worker) above the same process's resident memory
+# after its imports, which differ between environments (1.51 GiB absolute in CI's system Python, less in a venv).
+# The need: a guarded decode of these files costs a few MB; the whole 17000 x 17000 bomb, if decoded, costs 0.87 GB
+# (the bombs with a truncated body cost little even unguarded: their pixel memory is allocated but never touched).
+# Training the micro model over this folder measured 58 MiB above the baseline (730 MiB); 512 MiB leaves ~9x
+# headroom and stays below what the whole bomb would cost.
+MEMORY_LIMIT = 512 * 2 ** 20
 
 
 class Hang(Exception):
@@ -120,7 +126,9 @@ def trained(fuzz, tmp_path_factory):
     opts = {**TINY, "data": str(data), "output": str(tmp / "run"), "batch_size": 8, "epochs": 2, "val_fraction": 0,
             "num_workers": 1, "cache": "auto", "log_every": 100}
     t0 = time.time()
-    proc = subprocess.Popen(cli_command("pretrain", opts), env=child_env(), stdout=subprocess.DEVNULL,
+    report = tmp / "memory.json"
+    proc = subprocess.Popen(cli_command("pretrain", opts), env=child_env(MIMKIT_TEST_MEMORY_REPORT=str(report)),
+                            stdout=subprocess.DEVNULL,
                             stderr=open(tmp / "stderr.log", "w"), start_new_session=True)
     status, usage = None, None
     while time.time() - t0 < 300:
@@ -135,11 +143,16 @@ def trained(fuzz, tmp_path_factory):
     log = (tmp / "stderr.log").read_text(errors="replace")
     expect_bad = bad - {PIPE} - TINY_NAMES
     expect_good = (good | set(extra)) - TINY_NAMES
-    return dict(rc=proc.returncode, log=log, seconds=time.time() - t0, maxrss=usage.ru_maxrss * 1024, data=data,
-                bad=expect_bad, good=expect_good)
+    import json
+    memory = json.loads(report.read_text()) if report.is_file() else {"baseline": 0, "peak": usage.ru_maxrss * 1024}
+    return dict(rc=proc.returncode, log=log, seconds=time.time() - t0, growth=memory["peak"] - memory["baseline"],
+                memory=memory, data=data, bad=expect_bad, good=expect_good)
 
 
 def test_training_over_the_fuzz_folder_finishes_and_names_every_bad_file(trained):
+    """Training finishes, names every bad file, and its memory stays bounded. Loosening the bomb guard
+    (``Image.MAX_IMAGE_PIXELS = 2 ** 29`` in mimkit/data/decode.py, which lets the whole 17000 x 17000 bomb decode)
+    fails the memory bound."""
     t = trained
     assert t["rc"] == 0, t["log"][-3000:]
     assert "Traceback" not in t["log"] and "Logging error" not in t["log"], t["log"][-3000:]
@@ -151,9 +164,9 @@ def test_training_over_the_fuzz_folder_finishes_and_names_every_bad_file(trained
         assert _shown(os.path.join(str(t["data"]), name)) not in named, f"valid {name!a} was skipped"
     m = re.search(r"skipped (\d+) unreadable image file\(s\)", t["log"])
     assert m and int(m.group(1)) == len(t["bad"]), (m and m.group(0), len(t["bad"]))
-    assert t["maxrss"] < MEMORY_LIMIT, f"peak memory {t['maxrss'] / 2**30:.2f} GiB"
+    assert t["growth"] < MEMORY_LIMIT, f"peak memory {t['growth'] / 2**30:.2f} GiB above the baseline ({t['memory']})"
     print(f"\n[fuzz] trained over {len(t['bad'])} bad + {len(t['good'])} good files in {t['seconds']:.0f} s, "
-          f"peak RSS {t['maxrss'] / 2**20:.0f} MiB")
+          f"peak RSS {t['growth'] / 2**20:.0f} MiB above {t['memory']['baseline'] / 2**20:.0f} MiB after imports")
 
 
 def test_each_bad_file_is_named_only_once(trained):

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # lowest first; see DEVELOPING.md ("Layers")
 LAYERS = [
-    ("ground", ["mimkit.errors", "mimkit.files", "mimkit.precision", "mimkit.checkpoints.io", "mimkit.trackers"]),
+    ("ground", ["mimkit.errors", "mimkit.files", "mimkit.precision", "mimkit.rundir", "mimkit.checkpoints.io",
+                "mimkit.trackers"]),
     ("masking", ["mimkit.masking"]),
     ("models", ["mimkit.models"]),
     ("config", ["mimkit.config"]),

@@ -30,6 +30,7 @@ import torch
 
 from ..engine import setup
 from ..files import write_json, write_text
+from ..precision import resolve as resolve_precision
 from .measure import (Runner, count_flops, load_average, loss_check, machine_info, matmul_rate, release_free_memory,
                       step_memory, summary, time_data_pipeline, time_interleaved)
 from .peers import BUILDERS, CONFIGS, PEERS, PRECISIONS, build_mimkit
@@ -49,7 +50,10 @@ def bench(cfg) -> dict:
     """Run the benchmark described by a :class:`mimkit.config.BenchConfig`; print a table, write JSON."""
     env = setup(cfg)
     device = env.device
-    precisions = _names(cfg.precision)
+    precisions = []  # auto: fp32, and bf16 too where the device runs it natively
+    for p in _names(cfg.precision):
+        precisions += ["fp32", resolve_precision("auto", device)[0]] if p == "auto" else [p]
+    precisions = list(dict.fromkeys(precisions))
     peers = [p for p in _names(cfg.peers) if p != "none"]
     variants = {"off": ["mimkit"], "on": ["mimkit+compile"], "both": ["mimkit", "mimkit+compile"]}[cfg.compile]
     if cfg.grad_checkpointing:
@@ -63,10 +67,11 @@ def bench(cfg) -> dict:
 
     n = cfg.matmul_size or (8192 if device.type == "cuda" else 2048)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    matmul = {p: matmul_rate(device, dtypes[p], n)["all"] for p in PRECISIONS}
+    # only the precisions asked for: a CPU without native bf16 runs bf16 matmuls at a fraction of a GFLOP/s
+    matmul = {p: matmul_rate(device, dtypes[p], n)["all"] for p in precisions}
 
     def probe():  # the matmul rate again after every round, so the limit is measured under the same load
-        for p in PRECISIONS:
+        for p in precisions:
             matmul[p] += matmul_rate(device, dtypes[p], n, repeats=1, seconds=0.2)["all"]
 
     available = []
@@ -84,7 +89,7 @@ def bench(cfg) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    for p in PRECISIONS:
+    for p in precisions:
         result["matmul"][p] = {"size": n, **summary(matmul[p])}
     for row in result["results"]:
         row["matmul_flops"] = result["matmul"][row["precision"]]["median"]

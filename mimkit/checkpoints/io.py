@@ -169,14 +169,29 @@ def load_latest(run_dir, map_location="cpu") -> Optional[dict]:
         try:
             state = load_checkpoint(path, map_location)
             state["_path"] = str(path)
+            log.info("%s: using checkpoint %s", run_dir, path)
             return state
         except CheckpointError as e:
             log.warning("%s; falling back to the previous checkpoint", e)
     return None
 
 
-def prune_checkpoints(run_dir, keep: int):
-    for path in list_checkpoints(run_dir)[:-keep]:
+def checkpoint_run_id(path) -> Optional[str]:
+    """The run id a checkpoint records (None: none, or unreadable); reads the small pickle, not the tensors (mmap)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # damaged or foreign: not provably this run's, so never pruned
+        return None
+    return state.get("run_id") if isinstance(state, dict) else None
+
+
+def prune_checkpoints(run_dir, keep: int, run_id: Optional[str] = None):
+    """Keep the newest ``keep`` checkpoints; with ``run_id``, only checkpoints recording that run are counted and
+    deleted, so a run never removes another run's files."""
+    ours = list_checkpoints(run_dir)
+    if run_id is not None:
+        ours = [p for p in ours if checkpoint_run_id(p) == run_id]
+    for path in ours[:-keep]:
         path.unlink(missing_ok=True)
         path.with_name(path.name + ".sha256").unlink(missing_ok=True)
     d = Path(run_dir) / "checkpoints"

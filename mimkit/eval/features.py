@@ -102,7 +102,7 @@ def features_for(encoder: MaskedViT, source, indices, cfg, env, img_size: int) -
     cache_dir = Path(os.path.expanduser(cfg.feature_cache)) if cfg.feature_cache else None
     path = None
     if cache_dir is not None:
-        path = cache_dir / f"{_feature_key(encoder, source, indices, cfg.pool, img_size, cfg.precision)}.pt"
+        path = cache_dir / f"{_feature_key(encoder, source, indices, cfg.pool, img_size, env.precision)}.pt"
         if path.is_file():
             try:
                 cached = load_checkpoint(path)
@@ -110,7 +110,7 @@ def features_for(encoder: MaskedViT, source, indices, cfg, env, img_size: int) -
             except CheckpointError as e:
                 log.warning("%s; computing the features again", e)
     feats, labels = loader_features(encoder, image_loader(source, indices, cfg, env, img_size=img_size),
-                                     cfg.pool, env.device, cfg.precision)
+                                     cfg.pool, env.device, env.precision)
     if path is not None and env.is_main:
         try:
             save_checkpoint({"features": feats, "labels": labels}, path)

@@ -23,6 +23,7 @@ from timm.optim import create_optimizer_v2
 from ..config import FinetuneConfig, save_config
 from ..errors import ConfigError
 from ..engine import effective_lr, fit, seed_everything, setup
+from .. import rundir
 from ..precision import autocast
 from ..models import MaskedViT
 from .features import eval_data, eval_img_size, image_loader, load_eval_encoder, topk_accuracy, write_results
@@ -124,6 +125,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune on the training split; return top-1 / top-5 (percent) on the validation split."""
     t0 = time.time()
     env = setup(cfg)
+    rundir.prepare(cfg, "finetune", env)  # a new folder, or refuse to overwrite another run
     seed_everything(cfg.seed)
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
     if mixing and cfg.batch_size % 2:
@@ -159,7 +161,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     acc = {}
     if env.is_main:
-        acc = evaluate(task, image_loader(source, val_idx, cfg, env, img_size=img_size), env, cfg.precision)
+        acc = evaluate(task, image_loader(source, val_idx, cfg, env, img_size=img_size), env, env.precision)
     acc = _broadcast(acc, env)
     results = {"command": "finetune", **acc, "num_train": len(train_idx), "num_val": len(val_idx),
                "num_classes": n_classes, "global_pool": cfg.global_pool, "blocks": cfg.blocks,

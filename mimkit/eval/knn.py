@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..config import KnnConfig, save_config
 from ..engine import seed_everything, setup
+from .. import rundir
 from .features import (eval_data, eval_img_size, features_for, load_eval_encoder, topk_accuracy, write_results)
 
 log = logging.getLogger("mimkit")
@@ -43,6 +44,7 @@ def knn(cfg: KnnConfig) -> dict:
     """k-NN top-1 / top-5 (percent) of ``cfg.checkpoint``'s frozen encoder on the validation split."""
     t0 = time.time()
     env = setup(cfg)
+    rundir.prepare(cfg, "knn", env)  # a new folder, or refuse to overwrite another run
     seed_everything(cfg.seed)
     encoder, source_info = load_eval_encoder(cfg)
     img_size = eval_img_size(cfg, encoder)

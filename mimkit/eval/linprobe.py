@@ -20,6 +20,7 @@ from timm.optim import Lars
 from ..config import LinprobeConfig, save_config
 from ..engine import effective_lr, fit, seed_everything, setup
 from ..models import freeze
+from .. import rundir
 from .features import (FeatureLoader, eval_data, eval_img_size, features_for, load_eval_encoder,
                        topk_accuracy, write_results)
 
@@ -57,6 +58,7 @@ def linprobe(cfg: LinprobeConfig) -> dict:
     """Train the probe on the training split and return top-1 / top-5 (percent) on the validation split."""
     t0 = time.time()
     env = setup(cfg)
+    rundir.prepare(cfg, "linprobe", env)  # a new folder, or refuse to overwrite another run
     seed_everything(cfg.seed)
     encoder, source_info = load_eval_encoder(cfg)
     freeze(encoder).to(env.device)
