@@ -43,6 +43,7 @@ class Env:
     rank: int = 0
     world_size: int = 1
     precision: str = "fp32"  # what --precision resolved to on this device (mimkit.precision.resolve)
+    precision_note: str = ""  # why, logged when training starts
 
     @property
     def is_main(self) -> bool:
@@ -86,11 +87,10 @@ def setup(cfg) -> Env:
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ConfigError("--precision fp16 needs a GPU (on the CPU use bf16)")
     precision, why = resolve_precision(cfg.precision, device)
-    if cfg.precision == "auto" and rank == 0:
-        log.info("--precision auto: %s (%s)", precision, why)
-    elif precision == "bf16" and resolve_precision("auto", device)[0] != "bf16" and rank == 0:
-        log.warning("--precision bf16 on %s: %s", device, resolve_precision("auto", device)[1])
-    return Env(device, rank, world, precision)
+    note = f"--precision auto: {precision} ({why})" if cfg.precision == "auto" else ""
+    if precision == "bf16" and cfg.precision == "bf16" and resolve_precision("auto", device)[0] != "bf16":
+        note = f"--precision bf16 on {device}: {resolve_precision('auto', device)[1]}"
+    return Env(device, rank, world, precision, note)
 
 
 class StepRandom:
@@ -252,6 +252,8 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
     """Train ``task`` for ``cfg.epochs`` over ``loader``; resumable; returns the final state. ``on_epoch_end(epoch,
     step)`` runs on the main process after each epoch's checkpoint; values it returns are written as metrics."""
     run_dir = Path(run_dir)
+    if env.precision_note and env.is_main:  # here, not in setup: a bad input's error stays the only line
+        log.info(env.precision_note)
     batches, steps_per_epoch, pos = _plan(cfg, loader, env)  # batches per epoch: whole accumulation windows only
     model, forward, scaler = _wrap(task, cfg, env)
     resumed = _resume(task, optimizer, scaler, pos, run_dir, cfg, env)

@@ -83,7 +83,8 @@ def test_config_file_and_flag_override(tiny_folder, tmp_path):
 
 def test_help_lists_options_and_defaults():
     out = mimkit_cli("pretrain", "--help").stdout
-    assert "--mask-ratio" in out and "default: 0.75" in out
+    assert "--mask-ratio" in out and "--precision" in out and "default: auto" in out
+    assert all(name in out for name in ("mae", "simmim", "vit_mpp", "beit", "igpt"))  # --objective names them
     assert "vit_tiny_patch4_32" in mimkit_cli("models").stdout
 
 

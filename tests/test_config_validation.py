@@ -37,7 +37,7 @@ PRETRAIN = [
     (dict(model="vit_huge_patch14_224", img_size=200), r"--img-size 200 is not divisible by the patch size 14"),
     (dict(model="vit_micro"), r"--model must be one of .*vit_micro_patch4_32.*; got 'vit_micro' \(did you mean"),
     # an unknown --objective is checked by the objectives registry at the command layer (test_objectives.py)
-    (dict(precision="fp8"), r"--precision must be one of fp32, bf16, fp16; got 'fp8'"),
+    (dict(precision="fp8"), r"--precision must be one of auto, fp32, bf16, fp16; got 'fp8'"),
     (dict(aug="rrc2"), r"--aug must be one of rrc, none, fixed_crop, rrc_jitter; got 'rrc2'"),
     (dict(cache="maybe"), r"--cache must be one of auto, on, off; got 'maybe'"),
     (dict(batch_size=0), r"--batch-size must be > 0, got 0"),

@@ -15,6 +15,8 @@ def fake_gpus(monkeypatch, count: int, local_rank: int):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(str(d)))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # for --precision auto
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Fake GPU")
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
     monkeypatch.setenv("WORLD_SIZE", "1")  # no process group: only the device choice is under test
     return chosen
@@ -26,6 +28,7 @@ def test_each_local_process_takes_its_own_gpu(monkeypatch, count, local_rank):
     chosen = fake_gpus(monkeypatch, count, local_rank)
     env = engine.setup(load_config(PretrainConfig, overrides={"device": "auto", "threads": 1}))
     assert str(env.device) == f"cuda:{local_rank}" and chosen == [f"cuda:{local_rank}"]
+    assert env.precision == "bf16" and "Fake GPU" in env.precision_note  # --precision auto on a bf16 GPU
 
 
 def test_more_local_processes_than_gpus_is_a_one_line_error(monkeypatch):
