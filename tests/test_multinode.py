@@ -53,8 +53,7 @@ def _two_nodes(opts, timeout=150):
 
 def test_two_nodes_match_one_process(shards, tmp_path):
     """Two nodes x (batch 4, one read stream each) end with the parameters of one process x (batch 8, two
-    streams), up to float reduction order. Giving each rank the same streams (ignoring the rank), or drawing masks
-    per rank, fails this."""
+    streams), up to float reduction order. Giving each rank the same streams (ignoring the rank) fails this."""
     from mimkit.checkpoints import load_latest
     from mimkit.cli import main
     base = {**TINY, "data": shards, "epochs": 2, "shard_streams": 2, "output": str(tmp_path / "one")}
@@ -77,7 +76,7 @@ def test_two_nodes_match_one_process(shards, tmp_path):
 
 def test_a_dead_rank_stops_the_other_node(shards, tmp_path):
     """Rank 1 (node 1) dies at its 2nd step: both agents end, non-zero, within the test's timeout, and rank 0
-    names the lost peer in one line."""
+    names the lost peer in one line (without the CLI's translation of the failed collective, this fails)."""
     from helpers_faults import register_faulty  # noqa: F401  (the faulty objective is registered in the child)
     opts = {**TINY, "data": shards, "epochs": 1, "batch_size": 4, "shard_streams": 2, "dist_timeout": 30,
             "output": str(tmp_path / "run"), "objective": "faulty", "objective_args": {"raise_at": 2, "raise_rank": 1}}

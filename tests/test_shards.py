@@ -76,8 +76,7 @@ def test_order_fixed_by_seed_and_epoch(shards):
 
 def test_global_batches_do_not_depend_on_the_process_split(shards):
     """2 processes x 1 stream == 1 process x 2 streams == 1 process x 2 streams in 2 worker processes, tensor for
-    tensor; seeding augmentation by stream or rank instead of by image, or concatenating streams in worker
-    order, fails this."""
+    tensor; seeding augmentation by worker process instead of by image fails this."""
     src = open_images(shards)
     one = _epoch(src, streams=2, batch_size=4)
     r0, r1 = (_epoch(src, rank=r, world_size=2, streams=2, batch_size=2) for r in (0, 1))
