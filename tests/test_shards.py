@@ -89,7 +89,7 @@ def test_global_batches_do_not_depend_on_the_process_split(shards):
 
 def test_resume_mid_epoch_is_bit_identical_and_skips_reading(shards, monkeypatch):
     """set_epoch(e, k) yields exactly batches k.. of the full epoch and reads none of the first k batches' images;
-    reading from the epoch's start on resume (or re-seeding the buffer) fails this."""
+    reading the skipped batches' images on resume fails this."""
     src = open_images(shards)
     full = _epoch(src, epoch=2, streams=2, shuffle_buffer=8)
     reads = []
@@ -103,8 +103,8 @@ def test_resume_mid_epoch_is_bit_identical_and_skips_reading(shards, monkeypatch
 
 
 def test_buffer_order_is_local_and_bounded():
-    """A buffer of 4 emits a permutation in which no item leaves later than 3 items after... it was read,
-    and never waits on more than 4; a full shuffle fails this."""
+    """A buffer of 4 emits a permutation of the stream in which no item comes out before it was read and at most
+    4 items wait at a time; a full shuffle (no buffer bound) fails this."""
     order = buffer_order(100, 4, np.random.default_rng(0))
     assert sorted(order.tolist()) == list(range(100))
     emitted = set()
@@ -116,7 +116,7 @@ def test_buffer_order_is_local_and_bounded():
 
 def test_missing_truncated_and_corrupt(shards, tmp_path, caplog):
     """A missing shard in the range and a truncated shard are one-line DataErrors naming the shard; a corrupt
-    image is skipped and named once over two epochs (raising on it, or warning every epoch, fails this)."""
+    image is skipped and named once over two epochs (warning every epoch fails this)."""
     base = os.path.dirname(shards)
     with pytest.raises(DataError, match=r"shard-000009\.tar does not exist"):
         open_images(os.path.join(base, "shard-{000000..000009}.tar"))
