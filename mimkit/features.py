@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .files import write_text
+from .files import write_text, write_via
 from .models import MaskedAutoencoder, MaskedViT
 
 log = logging.getLogger("mimkit")
@@ -92,7 +92,7 @@ def embed(checkpoint, images, out, *, pool: str = "cls", img_size: int = 0, batc
     if out.suffix != ".npy":
         out = out.with_name(out.name + ".npy")
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, array)
+    write_via(out, lambda f: np.save(f, array))
     names_file = out.with_suffix(".txt")
     write_text(names_file, "".join(source.names[i] + "\n" for i in index))
     log.info("wrote %s features %s of %d images (%s, %d px) to %s, names in %s", pool, tuple(array.shape), len(index),

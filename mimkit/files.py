@@ -5,10 +5,11 @@ Every file the project writes (checkpoints, configs, results, exports, figures' 
 renamed over it, and the folder is fsynced. On failure the temporary file is removed and the old file
 is intact. The standard library has the pieces but no such function, hence this small module.
 """
+import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, BinaryIO, Callable, Union
 
 import yaml
 
@@ -58,6 +59,14 @@ def write_atomic(path: PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     replace(write_tmp(path, data), path)
     return path
+
+
+def write_via(path: PathLike, save: Callable[[BinaryIO], None]) -> Path:
+    """What a library's own ``save(file)`` writes (a PNG, an .npy, a plot), written atomically: the bytes are made
+    in memory first, so a crash or a full disk never leaves a half-written figure or array."""
+    buf = io.BytesIO()
+    save(buf)
+    return write_atomic(path, buf.getvalue())
 
 
 def write_text(path: PathLike, text: str) -> Path:

@@ -38,7 +38,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .checkpoints.io import list_checkpoints, load_checkpoint
-from .files import write_json, write_text
+from .files import write_json, write_text, write_via
 from .config import (FinetuneConfig, KnnConfig, LinprobeConfig, PretrainConfig, RunOptions, SweepConfig, TokenizerConfig, load_config, option_fields, save_config)
 from .errors import ConfigError
 
@@ -437,7 +437,7 @@ def plot_results(out: Path, rows: List[dict], evals: List[str]) -> List[str]:
         if drawn:
             name = f"accuracy_vs_{axis}.png"
             fig.tight_layout()
-            fig.savefig(out / name, dpi=120)
+            write_via(out / name, lambda f: fig.savefig(f, format="png", dpi=120))
             written.append(name)
         plt.close(fig)
     pts = [r for r in good if r.get("pretrain_flops")]
@@ -458,7 +458,7 @@ def plot_results(out: Path, rows: List[dict], evals: List[str]) -> List[str]:
             ax.set_ylabel(f"{e} top-1 (%)")
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_compute.png", dpi=120)
+        write_via(out / "accuracy_vs_compute.png", lambda f: fig.savefig(f, format="png", dpi=120))
         plt.close(fig)
         written.append("accuracy_vs_compute.png")
     if written:  # the table links the plots

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 from .data import MEAN, STD
+from .files import write_via
 
 log = logging.getLogger("mimkit")
 
@@ -42,7 +43,8 @@ def reconstruction_grid(mae, images: torch.Tensor, path, mask_ratio: float = 0.7
     panels = reconstruction_panels(mae, images, mask_ratio, seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid(_upscale(panels.flatten(0, 1).cpu()), nrow=4, padding=2, pad_value=1.0), path)
+    grid = make_grid(_upscale(panels.flatten(0, 1).cpu()), nrow=4, padding=2, pad_value=1.0)
+    write_via(path, lambda f: save_image(grid, f, format="png"))
     return path
 
 
@@ -110,9 +112,11 @@ def reconstruct(cfg) -> list:
         panels = reconstruction_panels(mae, images, cfg.mask_ratio, cfg.seed)
         paths = []
         for name, row in zip([source.names[i] for i in shown], panels):
-            p = out / (Path(name).stem + f"-mask{cfg.mask_ratio:.2f}.png")
+            # the file's path inside the folder, flattened: cat/0000.jpg and ship/0000.jpg must not share a figure
+            p = out / (str(Path(name).with_suffix("")).replace("/", "_") + f"-mask{cfg.mask_ratio:.2f}.png")
             p.parent.mkdir(parents=True, exist_ok=True)
-            save_image(make_grid(_upscale(row.cpu()), nrow=4, padding=2, pad_value=1.0), p)
+            grid = make_grid(_upscale(row.cpu()), nrow=4, padding=2, pad_value=1.0)
+            write_via(p, lambda f: save_image(grid, f, format="png"))
             paths.append(p)
     for p in paths:
         log.info("wrote %s", p)
