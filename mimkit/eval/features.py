@@ -185,8 +185,9 @@ def eval_data(cfg):
     """(source, train indices, validation indices, number of classes) for ``cfg.data``; unlabeled images
     (outside any class folder) are left out, as they cannot be scored."""
     from ..data import open_images, split_train_val
+    from ..data.hfdata import dataset_options
     from ..errors import DataError
-    source = open_images(cfg.data)
+    source = open_images(cfg.data, **dataset_options(cfg))
     if not source.classes:
         raise DataError(f"{cfg.data}: no class folders, so no labels to evaluate against (put images in "
                         f"one sub-folder per class)")
