@@ -19,6 +19,8 @@ COMMANDS = {
     "tokenizer": (C.TokenizerConfig, "mimkit.tokenizer:tokenizer_command",
                   "train a discrete visual tokenizer (VQ-VAE) for BEiT: mimkit tokenizer train"),
     "sweep": (C.SweepConfig, "mimkit.sweep:sweep", "pretrain and evaluate a grid or list of runs; a table and plots"),
+    "shards": (C.ShardsConfig, "mimkit.data.shards:shards_command",
+               "write images as webdataset tar shards for streaming (--data 'OUT/shard-{000000..000009}.tar')"),
     "bench": (C.BenchConfig, "mimkit.bench:bench", "time pretraining steps against the peers (HF ViTMAE, lightly)"),
 }
 
@@ -139,7 +141,30 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"mimkit {command}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        lost = _peer_lost(e)
+        if lost is None:
+            raise
+        print(f"mimkit {command}: error: {lost}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _peer_lost(e: RuntimeError):
+    """Under torchrun, a collective that failed because another process died or stopped answering (gloo: the
+    connection closed; NCCL or a stuck peer: --dist-timeout ran out) as one line, else None."""
+    import os
+    import re
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    text = str(e).replace("\n", " ")
+    dist_error = isinstance(e, getattr(dist, "DistError", ()))
+    if not dist_error and not re.search(r"[Cc]onnection (closed|reset) by peer|[Tt]imed out|NCCL|gloo", text):
+        return None
+    return (f"another process of this job stopped or cannot be reached (rank {os.environ.get('RANK', '?')} of "
+            f"{os.environ['WORLD_SIZE']}: {text[:200]}); the other processes' logs say why; the last checkpoint is "
+            f"kept (--resume continues from it)")
 
 
 if __name__ == "__main__":

@@ -44,10 +44,19 @@ class RunOptions:
 
 @dataclass
 class DataOptions:
-    data: str = opt("builtin", "image folder, .tar/.tar.gz of one, or 'builtin' (the embedded sample); files: "
-                    "JPEG, PNG (8/16-bit), TIFF (multi-band, multi-page), WebP, BMP, .npy/.npz (H, W, C) arrays")
+    data: str = opt("builtin", "image folder, .tar/.tar.gz of one, a .csv/.txt file list (path[,label]), tar shards "
+                    "('train-{000000..000127}.tar', local or any fsspec URL), a Hugging Face dataset ('hfds:DIR': "
+                    "save_to_disk or an imagefolder), or 'builtin' (the embedded sample); files: JPEG, PNG "
+                    "(8/16-bit), TIFF (multi-band, multi-page), WebP, BMP, .npy/.npz (H, W, C) arrays")
     val_fraction: float = opt(0.1, "last fraction of each class held out for validation (never pretrained on)")
     img_size: int = opt(0, "input size in px (0: the model preset's)")
+    shard_streams: int = opt(0, "tar shards: read streams in all processes (0: processes x workers); the image "
+                             "order depends on it and --seed")
+    image_column: str = opt("image", "Hugging Face datasets (--data hfds:DIR): the image column")
+    label_column: str = opt("label", "Hugging Face datasets: the label column ('' : unlabeled)")
+    train_split: str = opt("train", "Hugging Face datasets: the split to train on")
+    val_split: str = opt("auto", "Hugging Face datasets: the held-out split ('auto': 'validation' when the "
+                         "dataset has one; '' : --val-fraction of the train split)")
     in_chans: int = opt(0, "input channels (0: from the files when they agree; a checkpoint's for evaluations); "
                         "1 or 3 convert grey and RGB files on read")
     value_range: str = opt("", "file values mapped to 0..1: '' the dtype's range (uint8 0..255, uint16 0..65535, "
@@ -102,6 +111,11 @@ class PretrainConfig(RunOptions, DataOptions, OptimOptions, EngineOptions):
     aug: str = opt("rrc", "augmentation", ["rrc", "none", "fixed_crop", "rrc_jitter"])
     init: str = opt("", "start from released weights (mimkit, official MAE, HF ViTMAE or timm)")
     figure_every: int = opt(1, "epochs between reconstruction figures (0: only at the end)")
+    eval_every: int = opt(0, "epochs between k-NN top-1 checks on held-out images, with reconstructions of them, "
+                          "to TensorBoard and metrics.jsonl (0: off)")
+    eval_images: int = opt(1000, "--eval-every: held-out images scored and training images in the k-NN bank")
+    tracker: str = opt("none", "also send the metrics to an experiment tracker (its own settings apply, e.g. "
+                       "WANDB_MODE=offline, MLFLOW_TRACKING_URI)", ["none", "wandb", "mlflow"])
     objective_args: Dict[str, Any] = field(default_factory=dict,
                                            metadata={"help": "extra options of the objective (YAML mapping)"})
     pixels: Dict[str, Any] = field(default_factory=dict, metadata={
@@ -112,9 +126,10 @@ class PretrainConfig(RunOptions, DataOptions, OptimOptions, EngineOptions):
         check_common(self)
         if self.mask_ratio is not None and not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
-        for n in ("decoder_dim", "decoder_depth", "decoder_heads", "figure_every"):
+        for n in ("decoder_dim", "decoder_depth", "decoder_heads", "figure_every", "eval_every"):
             if getattr(self, n) < 0:
                 raise ConfigError(f"{flag(n)} must be >= 0, got {getattr(self, n)}")
+        check_positive(self, "eval_images")
         # the objective's name and options are checked by its registry (mimkit.objectives.check_objective) at the
         # command layer: config sits below the objectives and never imports them
         check_model(self, self.model)
@@ -350,6 +365,20 @@ BENCH_CONFIGS = ("tiny32", "base224", "micro32")  # mimkit.bench.CONFIGS
 
 
 @dataclass
+class ShardsConfig:
+    src: str = opt("", "images to write: a folder, .tar/.tar.gz archive or anything --data opens", positional=True)
+    out: str = opt("", "folder for the shards (shard-000000.tar, ...)", positional=True)
+    shard_size: int = opt(1000, "images per shard")
+
+    def validate(self):
+        for name in ("src", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name.upper()} is required: mimkit shards SRC OUT --shard-size N")
+        check_file(self.src, "SRC")
+        check_positive(self, "shard_size")
+
+
+@dataclass
 class BenchConfig:
     configs: str = opt("tiny32,base224", "configurations to time, comma-separated: tiny32 (ViT-Ti, 32 px, batch 128), "
                        "base224 (ViT-B/16 + 512-d x 8 decoder; batch 16 on the CPU, 256 on a GPU), micro32 (tests)",
@@ -398,6 +427,8 @@ def check_positive(cfg, *names):
 
 
 def check_file(path: str, option: str):
+    if "://" in path or path.startswith("hfds:") or re.search(r"\{[^{}]*\.\.[^{}]*\}", path):
+        return  # Hub weights, URLs, shard patterns and Hugging Face datasets are checked when opened
     if not Path(path).exists():
         raise ConfigError(f"{option}: no such file or directory: {path}")
 

@@ -31,6 +31,7 @@ from .checkpoints.io import check_state_dict, load_latest, prune_checkpoints, sa
 from .errors import ConfigError, DivergedError, Preempted
 from .precision import autocast, resolve as resolve_precision
 from .rundir import run_id as read_run_id
+from .trackers import open_tracker
 
 log = logging.getLogger("mimkit")
 
@@ -123,11 +124,12 @@ def reduce_mean(x: torch.Tensor, env: Env) -> torch.Tensor:
 
 # metrics --------------------------------------------------------------------------------------------
 class Metrics:
-    """JSON lines plus TensorBoard on the main process; nothing elsewhere."""
+    """JSON lines plus TensorBoard (plus an optional tracker: :mod:`mimkit.trackers`) on the main process; nothing
+    elsewhere. Scalars go everywhere; an image batch (N, 3, H, W) in [0, 1] goes to TensorBoard as images."""
 
-    def __init__(self, run_dir: Path, env: Env):
+    def __init__(self, run_dir: Path, env: Env, tracker=None):
         self.on = env.is_main
-        self.tb = None
+        self.tb, self.tracker = None, tracker
         if self.on:
             self.file = open(run_dir / "metrics.jsonl", "a")
             try:
@@ -139,18 +141,27 @@ class Metrics:
     def write(self, step: int, **values):
         if not self.on:
             return
+        images = {k: v for k, v in values.items() if torch.is_tensor(v) and v.dim() == 4}
+        values = {k: v for k, v in values.items() if k not in images}
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
         if self.tb:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
+            for k, v in images.items():
+                self.tb.add_images(k, v, step)
+        if self.tracker is not None:
+            self.tracker.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step)
 
     def close(self):
         if self.on:
             self.file.close()
             if self.tb:
                 self.tb.close()
+            if self.tracker is not None:
+                self.tracker.close()
+                self.tracker = None
 
 
 class Progress:
@@ -162,7 +173,11 @@ class Progress:
         if on and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-        self.total = total
+        self.total, self.extra = total, {}
+
+    def show(self, **values):
+        """Keep showing these values (e.g. the latest k-NN top-1) on the progress line."""
+        self.extra.update(values)
 
     def set_total(self, total: int):
         self.total = total
@@ -172,9 +187,10 @@ class Progress:
     def update(self, step: int, loss: float, ips: float, eta_s: float):
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}", **{k: f"{v:.2f}" for k, v in self.extra.items()})
         elif self.on and (step % self.every == 0 or step == self.total):
-            log.info("step %d/%d  loss %.4f  %.0f img/s  %s left", step, self.total, loss, ips,
+            extra = "".join(f"  {k} {v:.2f}" for k, v in self.extra.items())
+            log.info("step %d/%d  loss %.4f  %.0f img/s%s  %s left", step, self.total, loss, ips, extra,
                      time.strftime("%H:%M:%S", time.gmtime(eta_s)))
 
     def close(self):
@@ -231,8 +247,10 @@ def effective_lr(cfg, env: Env) -> float:
 
 
 def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, run_dir, env: Env, *,
-        extra_state: Optional[dict] = None, on_epoch_end: Optional[Callable[[int, int], None]] = None) -> TrainResult:
-    """Train ``task`` for ``cfg.epochs`` over ``loader``; resumable; returns the final state."""
+        extra_state: Optional[dict] = None, on_epoch_end: Optional[Callable[[int, int], Optional[dict]]] = None
+        ) -> TrainResult:
+    """Train ``task`` for ``cfg.epochs`` over ``loader``; resumable; returns the final state. ``on_epoch_end(epoch,
+    step)`` runs on the main process after each epoch's checkpoint; values it returns are written as metrics."""
     run_dir = Path(run_dir)
     if env.precision_note and env.is_main:  # here, not in setup: a bad input's error stays the only line
         log.info(env.precision_note)
@@ -298,7 +316,9 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
             save()
             if on_epoch_end is not None and env.is_main:
-                on_epoch_end(epoch_done, pos.step)
+                values = on_epoch_end(epoch_done, pos.step)  # e.g. --eval-every's k-NN top-1 and reconstructions
+                if values:
+                    report.epoch_values(pos.step, epoch_done, values)
     return TrainResult(pos.step, pos.epoch, last_loss, pos.bad_steps, time.time() - report.t_start,
                        dict(getattr(loader, "skipped", {})))
 
@@ -440,7 +460,8 @@ class Report:
     them; closed when the loop leaves, however it leaves."""
 
     def __init__(self, run_dir: Path, pos: Position, cfg, env: Env):
-        self.metrics = Metrics(run_dir, env)
+        self.metrics = Metrics(run_dir, env, open_tracker(getattr(cfg, "tracker", "none"), run_dir, _plain(vars(cfg)))
+                               if env.is_main else None)
         self.progress = Progress(pos.total_steps, pos.step, env.is_main, cfg.log_every)
         self.log_every = cfg.log_every
         self.t_start = time.time()
@@ -456,6 +477,11 @@ class Report:
 
     def epoch(self, pos: Position):
         self.metrics.write(pos.step, epoch_time_s=time.time() - self.t_start, epoch=pos.epoch)
+
+    def epoch_values(self, step: int, epoch: int, values: dict):
+        """What an epoch-end callback returned (e.g. --eval-every's k-NN top-1): written, and numbers shown."""
+        self.metrics.write(step, epoch=epoch, **values)
+        self.progress.show(**{k: v for k, v in values.items() if isinstance(v, float)})
 
     def __enter__(self):
         return self

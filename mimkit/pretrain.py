@@ -9,6 +9,7 @@ from .config import PretrainConfig, save_config
 from .errors import ConfigError
 from .data import (PixelSpec, check_sample, make_loader, open_images, resolve_pixels, split_train_val,
                    spread_over_classes)
+from .data.hfdata import dataset_options
 from .engine import TrainResult, effective_lr, fit, seed_everything, setup
 from .objectives import check_objective, get_objective
 from . import rundir
@@ -29,7 +30,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     env = setup(cfg)
     rundir.prepare(cfg, "pretrain", env)  # a new folder, or refuse to overwrite another run
     seed_everything(cfg.seed)
-    source = open_images(cfg.data)
+    source = open_images(cfg.data, **dataset_options(cfg))
     train_idx, val_idx = split_train_val(source, cfg.val_fraction)
     pixels = _resolve_pixels(cfg, source, train_idx)
     objective = get_objective(cfg.objective).from_config(cfg, options)
@@ -47,7 +48,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     loader = make_loader(source, train_idx, batch_size=cfg.batch_size, recipe="pretrain", img_size=img_size,
                          aug=cfg.aug, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
                          num_workers=cfg.num_workers, device=env.device,
-                         cache=cfg.cache, min_size=patch, pixels=pixels)
+                         cache=cfg.cache, min_size=patch, streams=cfg.shard_streams, pixels=pixels)
     if cfg.grad_checkpointing:
         encoder.set_grad_checkpointing(True)
 
@@ -63,7 +64,14 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
 
     figure = _figure_callback(objective, source, val_idx if len(val_idx) else train_idx, img_size, run_dir, cfg, env,
                               pixels)
-    result = fit(objective, optimizer, loader, cfg, run_dir, env, on_epoch_end=figure)
+    watch = _online_eval(objective, source, train_idx, val_idx, img_size, cfg, env)
+
+    def on_epoch_end(epoch: int, step: int):
+        if figure is not None:
+            figure(epoch, step)
+        return watch(epoch, step) if watch is not None else None
+
+    result = fit(objective, optimizer, loader, cfg, run_dir, env, on_epoch_end=on_epoch_end)
     if env.is_main:
         if figure is not None:
             figure(result.epoch - 1, result.step, final=True)
@@ -104,6 +112,21 @@ def _init_from(objective, path: str):
     if info.get("decoder_initialised"):
         log.info("--init %s holds no decoder: the decoder starts freshly initialised", path)
     log.info("--init: loaded %s", path)
+
+
+def _online_eval(objective, source, train_idx, val_idx, img_size, cfg, env):
+    """--eval-every: k-NN top-1 of held-out images and their reconstructions, on the main process (the weights are
+    the same on every process); the check that there are labeled held-out images runs on every process."""
+    if not cfg.eval_every:
+        return None
+    from .monitor import OnlineEval, check_online_eval
+    from .precision import resolve
+    check_online_eval(source, val_idx)
+    if not env.is_main:
+        return None
+    return OnlineEval(objective, source, train_idx, val_idx, every=cfg.eval_every, images=cfg.eval_images,
+                      img_size=img_size, device=env.device, precision=resolve(cfg.precision, env.device)[0],
+                      mask_ratio=cfg.mask_ratio or 0.75, seed=cfg.seed)
 
 
 def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env, pixels):

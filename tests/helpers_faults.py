@@ -131,6 +131,7 @@ class FaultyObjective(MAEObjective):
         hang_at: int = opt(0, "the call that sleeps forever")
         raise_at: int = opt(0, "the call that raises")
         raise_rank: int = opt(-1, "the rank that raises (-1: all)")
+        nan_rank: int = opt(-1, "the rank whose losses nan_at/nan_from spoil (-1: all)")
 
     @classmethod
     def from_config(cls, cfg, options=None):

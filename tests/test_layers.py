@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # lowest first; see DEVELOPING.md ("Layers")
 LAYERS = [
-    ("ground", ["mimkit.errors", "mimkit.files", "mimkit.precision", "mimkit.rundir", "mimkit.checkpoints.io"]),
+    ("ground", ["mimkit.errors", "mimkit.files", "mimkit.precision", "mimkit.rundir", "mimkit.checkpoints.io",
+                "mimkit.trackers"]),
     ("masking", ["mimkit.masking"]),
     ("models", ["mimkit.models"]),
     ("config", ["mimkit.config"]),
@@ -31,7 +32,7 @@ LAYERS = [
     ("checkpoints", ["mimkit.checkpoints"]),
     ("engine", ["mimkit.engine"]),
     ("commands", ["mimkit.pretrain", "mimkit.tokenizer", "mimkit.sweep", "mimkit.eval", "mimkit.features",
-                  "mimkit.viz", "mimkit.bench"]),
+                  "mimkit.viz", "mimkit.bench", "mimkit.monitor"]),
     ("cli", ["mimkit.cli", "mimkit"]),  # ``mimkit`` itself: the package's public façade (mimkit/__init__.py)
 ]
 

@@ -11,6 +11,8 @@ import torch
 
 from ..errors import CheckpointError
 from ..models import MaskedAutoencoder, MaskedViT
+from ..files import write_text
+from .card import model_card
 from .hf import write_hf
 from .official import write_official
 from .read import load
@@ -43,7 +45,8 @@ def export(model_or_path, to: str, out, *, encoder_only: bool = False, overwrite
       ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=OUT))`` or
       ``model.load_state_dict`` takes as is; any other ``OUT``: a folder (``config.json`` + ``model.safetensors``)
       for ``timm.create_model('local-dir:OUT', pretrained=True)``.
-    * ``hf``: a directory (``config.json``, ``model.safetensors``, ``preprocessor_config.json``) for
+    * ``hf``: a directory (``config.json``, ``model.safetensors``, ``preprocessor_config.json``, a model card
+      ``README.md`` naming the data, objective and results of the run: :mod:`.card`) for
       ``transformers.ViTMAEForPreTraining.from_pretrained(OUT)`` (a ``ViTMAEModel`` when there is no decoder
       or ``encoder_only``).
     * ``mae``: the official release layout, ``{"model": state_dict}`` in a ``.pth`` (a flat ``.safetensors``
@@ -62,7 +65,11 @@ def export(model_or_path, to: str, out, *, encoder_only: bool = False, overwrite
         if to == "timm":
             return write_timm(enc, out)
         if to == "hf":
-            return write_hf(mae, enc, out)
+            write_hf(mae, enc, out)
+            info = getattr(model, "checkpoint_info", None) or {"format": "in-memory", "path": ""}
+            weights = "ViTMAEForPreTraining" if mae is not None else "ViTMAEModel"
+            write_text(out / "README.md", model_card(info, enc.arch, weights))
+            return out
         return write_official(mae, enc, out)
 
 

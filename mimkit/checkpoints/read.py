@@ -55,8 +55,10 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 # reading files ----------------------------------------------------------------------------------------------
 def read(path) -> Source:
     """Any supported checkpoint (see the module docstring) rewritten into mimkit MAE names; a mimkit checkpoint
-    also keeps its kind, stored arch and own state dict (``Source.kind``, ``.arch``, ``.raw``)."""
-    p = Path(path).expanduser()
+    also keeps its kind, stored arch and own state dict (``Source.kind``, ``.arch``, ``.raw``); ``hf://ORG/NAME[@REV]``
+    is read from its copy in the Hugging Face cache (:mod:`.hub`)."""
+    from .hub import resolve_path
+    p = Path(resolve_path(path)).expanduser()
     if p.is_dir():
         if (p / "checkpoints").is_dir():
             state = load_latest(p)

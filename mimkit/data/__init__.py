@@ -7,6 +7,7 @@ from .pixels import (PixelSpec, channel_stats, default_spec, encoder_pixels, loa
                      reuse_pixels)
 from .source import (IMG_EXTENSIONS, ImageSource, JoinedSource, ListSource, open_images, split_train_val,
                      spread_over_classes)
+from . import hfdata, shards  # noqa: E402,F401  (their sources register with open_images)
 from .transforms import AUGS, MEAN, RECIPES, STD, BatchAugment, build_transform
 
 __all__ = ["AUGS", "BatchAugment", "IMG_EXTENSIONS", "ImageCache", "ImageDataset",

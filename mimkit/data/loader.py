@@ -58,6 +58,9 @@ def _seeded(seed):
             torch.set_rng_state(state[2])
 
 
+mix_seed, seeded_rng = _mix, _seeded  # public: the shard and Hugging Face dataset loaders seed images the same way
+
+
 class ImageCache:
     """Decoded images of a subset, (N, C, H, W) uint8 (8-bit files) or float32 in [0, 1], with the files that
     failed to decode (``bad``: pos -> reason)."""
@@ -424,7 +427,8 @@ class Loader:
 def make_loader(source, indices=None, *, batch_size: int, recipe: str = "pretrain", img_size: int = 224,
                 aug: str = "rrc", seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = None,
                 device="cpu", cache: str = "auto", cache_size: int = None, drop_last: bool = True, shuffle: bool = True,
-                min_size: int = 1, with_index: bool = False, pixels: PixelSpec = None, **transform_kwargs) -> Loader:
+                min_size: int = 1, with_index: bool = False, streams: int = 0, pixels: PixelSpec = None,
+                **transform_kwargs) -> Loader:
     """A deterministic loader over ``source[indices]`` (a source or a path; all images when indices is None).
 
     recipe/aug/img_size: see :mod:`mimkit.data.transforms`; ``transform_kwargs`` go to the recipe (scale=,
@@ -437,9 +441,18 @@ def make_loader(source, indices=None, *, batch_size: int, recipe: str = "pretrai
     shuffle=False keeps source order and returns every image (no drop_last), e.g. for feature extraction.
     Files that cannot be decoded, or are smaller than ``min_size``, are skipped, warned about once and listed in
     ``loader.skipped``; so a batch can be smaller than batch_size. with_index=True also yields source indices.
+    Tar shards (a :class:`~mimkit.data.shards.ShardSource`) train through ``ShardLoader`` in ``streams`` read
+    streams in all (0: processes x workers); see :mod:`mimkit.data.shards`.
     pixels: how files become input (:class:`mimkit.data.pixels.PixelSpec`: channels, value range, mean/std);
     None is the 8-bit RGB default.
     """
+    if not isinstance(source, ImageSource):
+        source = open_images(source)
+    if shuffle and hasattr(source, "training_loader"):  # tar shards: streamed in order (mimkit.data.shards)
+        return source.training_loader(indices, batch_size=batch_size, recipe=recipe, img_size=img_size, aug=aug,
+                                      seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
+                                      device=device, min_size=min_size, with_index=with_index, streams=streams,
+                                      **transform_kwargs)
     return Loader(source, indices, batch_size=batch_size, recipe=recipe, img_size=img_size, aug=aug, seed=seed,
                   rank=rank, world_size=world_size, num_workers=num_workers, device=device, cache=cache,
                   cache_size=cache_size, drop_last=drop_last, shuffle=shuffle, min_size=min_size,

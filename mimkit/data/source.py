@@ -227,15 +227,29 @@ def _strip_dot(name):
     return name.lstrip("/")
 
 
-def open_images(path) -> ImageSource:
+SOURCE_OPENERS = []  # (claims(path) -> bool, open(path, **dataset_options)) of the sources defined in other modules
+
+
+def register_source(claims, opener):
+    """Let ``open_images`` open the paths ``claims`` accepts with ``opener`` (how shards and HF datasets plug in
+    without this module importing them)."""
+    SOURCE_OPENERS.append((claims, opener))
+
+
+def open_images(path, **dataset_options) -> ImageSource:
     """A folder of images (recursive), a .tar/.tar.gz/.tgz of one, a .csv/.txt file list (:class:`ListSource`),
-    or ``'builtin'`` (the embedded CIFAR-10 sample).
+    or ``'builtin'`` (the embedded CIFAR-10 sample);
+    tar shards (``x-{000000..000127}.tar``: :mod:`.shards`) or a Hugging Face dataset (``hfds:DIR``: :mod:`.hfdata`,
+    which takes ``dataset_options``: image_column, label_column, train_split, val_split).
 
     Labels come from first-level folder names (sorted), or a list's label column; images in the root are -1
     (unlabeled).
     """
     if str(path) in BUILTIN:
         path = SAMPLE_DIR
+    for claims, opener in SOURCE_OPENERS:  # tar shards, Hugging Face datasets (registered by mimkit.data)
+        if claims(path):
+            return opener(str(path), **dataset_options)
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"{path}: no such file or folder")
@@ -259,7 +273,10 @@ def split_train_val(source: ImageSource, val_fraction: float = 0.1):
 
     Unlabeled images (-1) form one group, so an unlabeled source gives the last fraction overall.
     Rounding is half-up (45 * 0.1 -> 5). Returns two sorted lists of source indices.
+    A source with named splits (a Hugging Face dataset's train and validation) returns those instead.
     """
+    if getattr(source, "fixed_split", None):
+        return source.fixed_split
     groups = {}
     for i, y in enumerate(source.labels):
         groups.setdefault(y, []).append(i)  # source order is sorted, so each group is too

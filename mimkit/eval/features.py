@@ -193,8 +193,9 @@ def eval_data(cfg):
     ``--val-fraction``, or with ``--val-data`` all of it for training and that set for validation (one joined
     source); unlabeled images (outside any class folder) are left out, as they cannot be scored."""
     from ..data import JoinedSource, open_images, split_train_val
+    from ..data.hfdata import dataset_options
     from ..errors import DataError
-    source = open_images(cfg.data)
+    source = open_images(cfg.data, **dataset_options(cfg))
     if not source.classes:
         raise DataError(f"{cfg.data}: no class folders, so no labels to evaluate against (put images in "
                         f"one sub-folder per class, or give a .csv list with labels)")
