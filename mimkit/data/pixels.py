@@ -183,7 +183,14 @@ def resolve_pixels(source, indices, in_chans: int = 0, value_range: str = "", me
     dtypes = {}
     for i, a in probe:
         dtypes.setdefault(a.dtype.str, i)
-    if len(dtypes) > 1 and not value_range:
+    if len(dtypes) > 1 and not value_range and in_chans == 3 and all(np.dtype(d).kind == "u" for d in dtypes):
+        # a folder of RGB photos with a stray 16-bit PNG: each file maps by its own dtype's range to the same [0, 1]
+        # scale, as such folders always have been read (scans and multi-band data, where a stray bit depth means a
+        # wrong file, are refused below)
+        (d1, i1), (d2, i2) = list(dtypes.items())[:2]
+        log.warning("%s is %s but %s is %s: each RGB file is mapped by its own dtype's range", _path(source, i2),
+                    np.dtype(d2), _path(source, i1), np.dtype(d1))
+    elif len(dtypes) > 1 and not value_range:
         (d1, i1), (d2, i2) = list(dtypes.items())[:2]
         raise DataError(f"{_path(source, i2)}: is {np.dtype(d2)} but {_path(source, i1)} is {np.dtype(d1)}; "
                         f"files of one run share a dtype, or pass --value-range LOW,HIGH to map all alike")
