@@ -252,6 +252,8 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
     """Train ``task`` for ``cfg.epochs`` over ``loader``; resumable; returns the final state. ``on_epoch_end(epoch,
     step)`` runs on the main process after each epoch's checkpoint; values it returns are written as metrics."""
     run_dir = Path(run_dir)
+    if env.is_main:  # commands claim it first (rundir.prepare); a direct caller of fit gets it made here
+        run_dir.mkdir(parents=True, exist_ok=True)
     if env.precision_note and env.is_main:  # here, not in setup: a bad input's error stays the only line
         log.info(env.precision_note)
     batches, steps_per_epoch, pos = _plan(cfg, loader, env)  # batches per epoch: whole accumulation windows only

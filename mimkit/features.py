@@ -19,20 +19,20 @@ import torch
 import torch.nn.functional as F
 
 from .files import write_text, write_via
-from .models import MaskedAutoencoder, MaskedViT
+from .models import MaskedAutoencoder
 
 log = logging.getLogger("mimkit")
 POOLS = ("cls", "mean", "all")
 
 
-def _encoder(model) -> MaskedViT:
-    if isinstance(model, MaskedViT):
-        return model
+def _encoder(model):
+    """The encoder to read features from: anything with ``extract(images, pool)`` (a ``MaskedViT``, iGPT's
+    ``PixelTransformer``), or the ``encoder`` of an MAE or an objective."""
     if isinstance(model, MaskedAutoencoder):
         return model.encoder
-    enc = getattr(model, "encoder", None)
-    if isinstance(enc, MaskedViT):
-        return enc
+    for candidate in (model, getattr(model, "encoder", None)):
+        if callable(getattr(candidate, "extract", None)):
+            return candidate
     raise TypeError(f"expected a MaskedViT, a MaskedAutoencoder or an objective with an encoder, "
                     f"got {type(model).__name__}")
 

@@ -92,7 +92,8 @@ def _kmeans_pp(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
 
 class PixelTransformer(nn.Module):
     """iGPT's network, shaped like an encoder the evaluations can use: ``extract(imgs, pool)``, ``embed_dim``,
-    ``arch['img_size']`` and ``patch_size`` (the downsampling factor)."""
+    ``arch['img_size']``, ``patch_size`` (the downsampling factor) and ``in_chans`` (3: its palette is RGB)."""
+    in_chans = 3
 
     def __init__(self, img_size: int = 32, resolution: int = 16, palette_size: int = 512, embed_dim: int = 192,
                  depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0, causal: bool = True,
