@@ -111,8 +111,8 @@ class PretrainConfig(RunOptions, DataOptions, OptimOptions, EngineOptions):
     aug: str = opt("rrc", "augmentation", ["rrc", "none", "fixed_crop", "rrc_jitter"])
     init: str = opt("", "start from released weights (mimkit, official MAE, HF ViTMAE or timm)")
     figure_every: int = opt(1, "epochs between reconstruction figures (0: only at the end)")
-    eval_every: int = opt(0, "epochs between k-NN top-1 checks on held-out images, with reconstructions of them, "
-                          "to TensorBoard and metrics.jsonl (0: off)")
+    eval_every: float = opt(0.0, "epochs between k-NN top-1 checks on held-out images, with reconstructions of "
+                            "them, to TensorBoard and metrics.jsonl (0.25: four times an epoch; 0: off)")
     eval_images: int = opt(1000, "--eval-every: held-out images scored and training images in the k-NN bank")
     tracker: str = opt("none", "also send the metrics to an experiment tracker (its own settings apply, e.g. "
                        "WANDB_MODE=offline, MLFLOW_TRACKING_URI)", ["none", "wandb", "mlflow"])

@@ -247,10 +247,12 @@ def effective_lr(cfg, env: Env) -> float:
 
 
 def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, run_dir, env: Env, *,
-        extra_state: Optional[dict] = None, on_epoch_end: Optional[Callable[[int, int], Optional[dict]]] = None
-        ) -> TrainResult:
-    """Train ``task`` for ``cfg.epochs`` over ``loader``; resumable; returns the final state. ``on_epoch_end(epoch,
-    step)`` runs on the main process after each epoch's checkpoint; values it returns are written as metrics."""
+        extra_state: Optional[dict] = None, on_epoch_end: Optional[Callable[[int, int], Optional[dict]]] = None,
+        on_step: Optional[Callable[[int, int, bool], Optional[dict]]] = None) -> TrainResult:
+    """Train ``task`` for ``cfg.epochs`` over ``loader``; resumable; returns the final state. On the main process,
+    ``on_epoch_end(epoch, step)`` runs after each epoch's checkpoint and ``on_step(step, steps_per_epoch, last)``
+    after each optimizer step (e.g. --eval-every at fractions of an epoch); values they return are written as
+    metrics."""
     run_dir = Path(run_dir)
     if env.is_main:  # commands claim it first (rundir.prepare); a direct caller of fit gets it made here
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -307,6 +309,10 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
                     save()
                 if time_up:
                     pos.total_steps = clock.stop_at(pos.step, pos.total_steps)
+                if on_step is not None and env.is_main:
+                    values = on_step(pos.step, steps_per_epoch, pos.step >= pos.total_steps)
+                    if values:
+                        report.epoch_values(pos.step, round(pos.step / steps_per_epoch, 4), values)
                 if pos.step >= pos.total_steps:
                     break
             # the epoch is over: its batches are done, the run is, or the loader ran out early (a batch of only
@@ -480,8 +486,8 @@ class Report:
     def epoch(self, pos: Position):
         self.metrics.write(pos.step, epoch_time_s=time.time() - self.t_start, epoch=pos.epoch)
 
-    def epoch_values(self, step: int, epoch: int, values: dict):
-        """What an epoch-end callback returned (e.g. --eval-every's k-NN top-1): written, and numbers shown."""
+    def epoch_values(self, step: int, epoch: float, values: dict):
+        """What a callback returned (e.g. --eval-every's k-NN top-1): written, and numbers shown."""
         self.metrics.write(step, epoch=epoch, **values)
         self.progress.show(**{k: v for k, v in values.items() if isinstance(v, float)})
 

@@ -1,5 +1,6 @@
-"""Watching a long pretraining run: ``--eval-every N`` epochs, k-NN top-1 of the encoder on a fixed subset of the
-held-out split, and reconstructions of the same held-out images (an online k-NN callback, as lightly's).
+"""Watching a long pretraining run: every ``--eval-every N`` epochs (a fraction allowed: 0.25 is four times an
+epoch, for short CPU runs), k-NN top-1 of the encoder on a fixed subset of the held-out split, and reconstructions
+of the same held-out images (an online k-NN callback, as lightly's), and once more at the last step.
 
 The memory bank is a fixed, evenly spaced subset of the training split and the queries a fixed, evenly spaced
 subset of the held-out split (``--eval-images`` each), read with the eval recipe (resize and centre crop, no
@@ -30,10 +31,11 @@ def check_online_eval(source, val_idx):
 
 
 class OnlineEval:
-    """``__call__(epoch, step) -> dict`` every ``every`` epochs: ``{"knn_top1": %, "reconstructions": images}``
-    (images (N, 3, H, W) in [0, 1]: rows of original, masked, reconstruction, pasted), else None."""
+    """``__call__(step, steps_per_epoch, last) -> dict`` every ``every`` epochs' worth of steps and at the last
+    step: ``{"knn_top1": %, "reconstructions": images}`` (images (N, 3, H, W) in [0, 1]: rows of original, masked,
+    reconstruction, pasted), else None."""
 
-    def __init__(self, objective, source, train_idx, val_idx, *, every: int, images: int, img_size: int,
+    def __init__(self, objective, source, train_idx, val_idx, *, every: float, images: int, img_size: int,
                  device, precision: str = "fp32", k: int = 20, temperature: float = 0.07, mask_ratio: float = 0.75,
                  seed: int = 0, pool: str = "cls"):
         from .data import make_loader
@@ -75,13 +77,17 @@ class OnlineEval:
         model.train(was_training)
         return panels.flatten(0, 1).cpu()
 
-    def __call__(self, epoch: int, step: int):
-        if not self.every or (epoch + 1) % self.every:
+    def due(self, step: int, steps_per_epoch: int, last: bool) -> bool:
+        interval = max(1, round(self.every * steps_per_epoch))  # whole epochs land on the epochs' last steps
+        return bool(self.every) and (step % interval == 0 or last)
+
+    def __call__(self, step: int, steps_per_epoch: int, last: bool = False):
+        if not self.due(step, steps_per_epoch, last):
             return None
         out = {"knn_top1": self.knn_top1()}
         images = self.reconstructions()
         if images is not None:
             out["reconstructions"] = images
-        log.info("epoch %d: k-NN top-1 %.2f%% (%d held-out images, bank of %d)", epoch + 1, out["knn_top1"],
-                 self.num_images[1], self.num_images[0])
+        log.info("step %d (epoch %.2f): k-NN top-1 %.2f%% (%d held-out images, bank of %d)", step,
+                 step / steps_per_epoch, out["knn_top1"], self.num_images[1], self.num_images[0])
         return out

@@ -69,9 +69,8 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     def on_epoch_end(epoch: int, step: int):
         if figure is not None:
             figure(epoch, step)
-        return watch(epoch, step) if watch is not None else None
 
-    result = fit(objective, optimizer, loader, cfg, run_dir, env, on_epoch_end=on_epoch_end)
+    result = fit(objective, optimizer, loader, cfg, run_dir, env, on_epoch_end=on_epoch_end, on_step=watch)
     if env.is_main:
         if figure is not None:
             figure(result.epoch - 1, result.step, final=True)

@@ -34,7 +34,7 @@ class FakeTracker:
 
 
 def test_eval_every_logs_the_real_knn_everywhere(folder, tmp_path, monkeypatch, caplog):
-    """Every epoch's k-NN top-1 is in metrics.jsonl, TensorBoard (with a reconstruction image), the tracker and the
+    """Every half epoch's k-NN top-1 is in metrics.jsonl, TensorBoard (with a reconstruction image), the tracker and the
     progress line, and the last one equals `mimkit knn` on the final checkpoint (same split, k, temperature).
     Scoring the training images instead of the held-out ones, or dropping the engine's write of the callback's
     values, fails this."""
@@ -45,11 +45,12 @@ def test_eval_every_logs_the_real_knn_everywhere(folder, tmp_path, monkeypatch, 
     run = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="mimkit"):
         assert main(["pretrain", "--data", str(folder), "--model", "vit_micro_patch4_32", "--epochs", "2",
-                     "--batch-size", "8", "--val-fraction", "0.25", "--eval-every", "1", "--figure-every", "0",
+                     "--batch-size", "8", "--val-fraction", "0.25", "--eval-every", "0.5", "--figure-every", "0",
                      "--num-workers", "0", "--log-every", "1", "--output", str(run)]) == 0
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     knn = [line for line in lines if "knn_top1" in line]
-    assert [line["epoch"] for line in knn] == [0, 1]
+    # 27 training images in batches of 8: 3 steps an epoch; every half epoch rounds to every 2 steps
+    assert [(line["step"], line["epoch"]) for line in knn] == [(2, 0.6667), (4, 1.3333), (6, 2.0)]
     assert main(["knn", "--checkpoint", str(run), "--data", str(folder), "--val-fraction", "0.25",
                  "--feature-cache", "", "--num-workers", "0", "--output", str(tmp_path / "knn")]) == 0
     results = json.loads((tmp_path / "knn" / "results.json").read_text())
@@ -58,7 +59,7 @@ def test_eval_every_logs_the_real_knn_everywhere(folder, tmp_path, monkeypatch, 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
     assert [e.value for e in events.Scalars("knn_top1")] == pytest.approx([k["knn_top1"] for k in knn])
-    assert len(events.Images("reconstructions")) == 2
+    assert len(events.Images("reconstructions")) == 3
     # the tracker saw the loss and the k-NN, and was closed
     assert any("loss" in v for _, v in tracker.logged) and any("knn_top1" in v for _, v in tracker.logged)
     assert tracker.closed
@@ -99,3 +100,19 @@ def test_trackers_in_offline_mode(name, tmp_path, monkeypatch):
         history = client.get_metric_history(run.info.run_id, "knn_top1")
         assert [(m.step, m.value) for m in history] == [(1, 40.0), (2, 55.0)]
         assert run.info.status == "FINISHED"
+
+
+def test_eval_every_is_due_on_whole_epochs_fractions_of_one_and_the_last_step():
+    """Whole epochs land on each epoch's last step, fractions on rounded step intervals, and the last step is always
+    scored, so a curve ends at the final weights."""
+    from mimkit.monitor import OnlineEval
+    watch = object.__new__(OnlineEval)
+
+    def due(every, steps_per_epoch, total):
+        watch.every = every
+        return [s for s in range(1, total + 1) if watch.due(s, steps_per_epoch, s == total)]
+    assert due(1, 3, 6) == [3, 6]
+    assert due(2, 3, 7) == [6, 7]
+    assert due(0.25, 100, 240) == [25, 50, 75, 100, 125, 150, 175, 200, 225, 240]
+    assert due(0.01, 10, 3) == [1, 2, 3]
+    assert due(0, 10, 30) == []
