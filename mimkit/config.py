@@ -114,6 +114,8 @@ class PretrainConfig(RunOptions, DataOptions, OptimOptions, EngineOptions):
     eval_every: float = opt(0.0, "epochs between k-NN top-1 checks on held-out images, with reconstructions of "
                             "them, to TensorBoard and metrics.jsonl (0.25: four times an epoch; 0: off)")
     eval_images: int = opt(1000, "--eval-every: held-out images scored and training images in the k-NN bank")
+    eval_pool: str = opt("cls", "--eval-every: the feature, class token or mean of patch tokens (as knn --pool)",
+                         ["cls", "mean"])
     tracker: str = opt("none", "also send the metrics to an experiment tracker (its own settings apply, e.g. "
                        "WANDB_MODE=offline, MLFLOW_TRACKING_URI)", ["none", "wandb", "mlflow"])
     objective_args: Dict[str, Any] = field(default_factory=dict,

@@ -125,7 +125,7 @@ def _online_eval(objective, source, train_idx, val_idx, img_size, cfg, env):
         return None
     return OnlineEval(objective, source, train_idx, val_idx, every=cfg.eval_every, images=cfg.eval_images,
                       img_size=img_size, device=env.device, precision=resolve(cfg.precision, env.device)[0],
-                      mask_ratio=cfg.mask_ratio or 0.75, seed=cfg.seed)
+                      mask_ratio=cfg.mask_ratio or 0.75, seed=cfg.seed, pool=cfg.eval_pool)
 
 
 def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env, pixels):

@@ -43,6 +43,10 @@ def test_bench_runs_once_on_a_tiny_configuration(tmp_path, capsys):
         assert r["fraction_of_matmul"] == pytest.approx(
             r["achieved_flops"] / result["matmul"][r["precision"]]["median"], rel=1e-9)
         assert r["memory"]["state_mb"] > 0
+        # where the step goes: every category, summing to the step's measured time; a ViT step has all of them
+        b = r["breakdown"]
+        assert tuple(b) == measure.BREAKDOWN and sum(b.values()) == pytest.approx(r["batch"] / ips["median"])
+        assert min(b["matmul"], b["attention"], b["norm_act"], b["optimizer"]) > 0
         if r["impl"] == "mimkit":
             assert set(r["vs"]) == set(PEERS)
             for p in PEERS:
@@ -70,6 +74,7 @@ def test_bench_runs_once_on_a_tiny_configuration(tmp_path, capsys):
     assert any(t["what"].startswith("data pipeline") for t in _targets_script().targets(result))
     table = capsys.readouterr().out
     assert "img/s median" in table and "dense matmul" in table and "bf16 loss check" in table
+    assert "not matmul (most)" in table and "step outside matmuls" in md
     m = result["machine"]
     assert m["threads"] == 1 and m["torch"] == torch.__version__ and result["date"]
 
@@ -169,3 +174,26 @@ def test_step_memory_sees_the_activations():
     assert small["state_mb"] == large["state_mb"] > 0
     if large["step_mb"] is not None:
         assert large["step_mb"] > small["step_mb"]
+
+
+@pytest.mark.parametrize("chain, category", [
+    (["aten::mm", "AddmmBackward0"], "matmul"),
+    (["aten::addmm", "aten::linear"], "matmul"),
+    (["aten::bmm", "aten::_scaled_dot_product_attention_math", "aten::scaled_dot_product_attention"], "attention"),
+    (["aten::_softmax"], "attention"),
+    (["aten::mul", "GeluBackward0", "autograd::engine::evaluate_function: GeluBackward0"], "norm_act"),
+    (["aten::native_layer_norm", "aten::layer_norm"], "norm_act"),
+    (["cpp_fused_native_layer_norm_0", "Torch-Compiled Region"], "norm_act"),
+    (["aten::mul_", "aten::_foreach_mul_", "Optimizer.step#AdamW.step"], "optimizer"),
+    (["aten::_fused_adamw_"], "optimizer"),
+    (["aten::copy_", "aten::_to_copy", "aten::to"], "copy_cast"),
+    (["aten::gather"], "copy_cast"),
+    (["aten::sum", "AddmmBackward0"], "other"),  # the bias gradient: outside the matmul
+    (["aten::add"], "other"),
+])
+def test_breakdown_puts_each_op_in_its_category(chain, category):
+    """The profiler's ops (innermost first, then what encloses them) land where a reader of a ViT step looks."""
+    parent = None
+    for name in reversed(chain):
+        parent = type("Event", (), {"name": name, "cpu_parent": parent})()
+    assert measure.op_category(parent) == category

@@ -12,7 +12,9 @@ and times full training steps (forward, backward, optimizer) after warm-up. The 
 repeat by repeat, so that a change in the machine's load hits all of them alike; each row reports the median
 and the spread of images/s over the repeats, the ratio mimkit/peer, FLOPs per image (counted by
 ``torch.utils.flop_counter`` on one step), the achieved FLOP/s and its fraction of the dense matmul rate
-measured in the same run (fp32 and bf16), and the peak memory of a step. It also times the data pipeline
+measured in the same run (fp32 and bf16), where the step's time goes (``breakdown``: seconds in matmuls, attention,
+norms and activations, the optimizer, copies and casts, and the rest, from the profiler), and the peak memory of
+a step. It also times the data pipeline
 alone (decode once, augment and collate batched tensors) and, for bf16, checks that the loss curve of the
 first few hundred steps follows fp32's within the noise that a different draw of masks makes.
 
@@ -32,7 +34,7 @@ from ..engine import setup
 from ..files import write_json, write_text
 from ..precision import resolve as resolve_precision
 from .measure import (Runner, count_flops, load_average, loss_check, machine_info, matmul_rate, release_free_memory,
-                      step_memory, summary, time_data_pipeline, time_interleaved)
+                      step_breakdown, step_memory, summary, time_data_pipeline, time_interleaved)
 from .peers import BUILDERS, CONFIGS, PEERS, PRECISIONS, build_mimkit
 from .report import format_table, markdown
 
@@ -136,10 +138,12 @@ def _bench_config(name: str, cfg, device: torch.device, precisions, variants, pe
     rows = []
     for r in runners:
         c = r.contestant
+        step_s = batch / statistics.median(r.images_per_s)
         rows.append({"config": name, "precision": r.precision, "impl": c.name, "batch": batch, "steps": r.steps,
                      "warmup_s": r.warmup_s, "images_per_s": summary(r.images_per_s),
                      "cpu_share": summary(r.cpu_share), "flops_per_image": flops[c.name],
                      "achieved_flops": flops[c.name] * statistics.median(r.images_per_s),
+                     "breakdown": step_breakdown(c, images, r.precision, step_s),
                      "memory": step_memory(c, images, r.precision)})
     _add_ratios(rows, name)
     return rows

@@ -160,6 +160,65 @@ def step_memory(c: Contestant, images: torch.Tensor, precision: str) -> dict:
             "peak_mb": None if step is None else (state + step) / mb}
 
 
+# where a step's time goes -------------------------------------------------------------------------------
+BREAKDOWN = ("matmul", "attention", "norm_act", "optimizer", "copy_cast", "other")
+# names (of an op, an autograd node or a compiled kernel) by category, lower case; the first two also claim what
+# runs inside them (the attention kernel's own matmuls and softmax, the optimizer's arithmetic)
+_ENCLOSING = (("optimizer", ("optimizer.step", "adam", "_foreach_", "lamb", "lars")),
+              ("attention", ("attention", "softmax", "sdpa")))
+_OWN = (("matmul", ("mm", "linear", "conv", "matmul", "baddbmm")),
+        ("norm_act", ("layer_norm", "layernorm", "native_layer_norm", "gelu", "erf", "tanh", "silu")),
+        ("copy_cast", ("copy", "_to_copy", "clone", "contiguous", "cat", "gather", "index", "scatter", "stack",
+                       "masked_select", "where", "fill_", "zero_")))
+
+
+def _match(name: str, table) -> Optional[str]:
+    n = name.lower()
+    for category, keys in table:
+        if any(k in n for k in keys):
+            return category
+    return None
+
+
+def op_category(event) -> str:
+    """An op's category: inside the optimizer or attention, that; else its own name's; else norm_act when a norm
+    or activation encloses it (the multiplies inside GeluBackward); else other (residual adds, bias gradients)."""
+    chain, e = [], event
+    while e is not None:
+        chain.append(e.name)
+        e = e.cpu_parent
+    for name in chain:
+        hit = _match(name, _ENCLOSING)
+        if hit:
+            return hit
+    hit = _match(chain[0], _OWN)
+    if hit:
+        return hit
+    return "norm_act" if any(_match(name, _OWN[1:2]) for name in chain[1:]) else "other"
+
+
+def step_breakdown(c: Contestant, images: torch.Tensor, precision: str, step_s: float, steps: int = 2) -> dict:
+    """Seconds per step in each of :data:`BREAKDOWN`, by ``torch.profiler`` over ``steps`` training steps: the
+    self time of every op on the CPU side, put in its category, as fractions of all ops' time, times ``step_s``
+    (the step's time measured without the profiler, whose own overhead would otherwise count). On a GPU the
+    fractions are of the CUDA kernels' time instead. Why our own table: the profiler lists ops, not the
+    categories a reader of a ViT step thinks in (torch has no such grouping)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = images.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            c.step(images, precision)
+        _sync(images.device)
+    totals = dict.fromkeys(BREAKDOWN, 0.0)
+    for e in prof.events():
+        t = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if t > 0:
+            totals[op_category(e)] += t
+    all_ops = sum(totals.values()) or 1.0
+    return {k: step_s * v / all_ops for k, v in totals.items()}
+
+
 @dataclass
 class Runner:
     contestant: Contestant

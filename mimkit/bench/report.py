@@ -14,7 +14,18 @@ def _row_cells(r: dict, peers: List[str]) -> List[str]:
              f"{100 * r['cpu_share']['median']:.0f}%" if r.get("cpu_share") else ""]
             + [f"{r['vs'][p]:.2f}x" if p in r.get("vs", {}) else "" for p in peers]
             + [f"{r['flops_per_image'] / 1e9:.2f}", f"{r['achieved_flops'] / 1e9:.1f}",
-               f"{100 * r['fraction_of_matmul']:.0f}%", "-" if peak is None else f"{peak:.0f}"])
+               f"{100 * r['fraction_of_matmul']:.0f}%", _outside_matmul(r), "-" if peak is None else f"{peak:.0f}"])
+
+
+def _outside_matmul(r: dict) -> str:
+    """The share of the step outside matrix multiplications, and its largest part."""
+    b = r.get("breakdown")
+    if not b or not sum(b.values()):
+        return ""
+    total = sum(b.values())
+    rest = {k: v for k, v in b.items() if k != "matmul"}
+    top = max(rest, key=rest.get)
+    return f"{100 * (total - b['matmul']) / total:.0f}% ({top} {100 * rest[top] / total:.0f}%)"
 
 
 def format_table(result: dict) -> str:
@@ -28,7 +39,7 @@ def format_table(result: dict) -> str:
         for p, v in result["matmul"].items()))
     peers = sorted({r["impl"] for r in result["results"] if not r["impl"].startswith("mimkit")})
     cols = ["config", "prec", "impl", "batch", "img/s median [min-max]", "cpu"] + [f"vs {p}" for p in peers] + [
-        "GFLOP/img", "GFLOP/s", "of matmul", "peak MB"]
+        "GFLOP/img", "GFLOP/s", "of matmul", "not matmul (most)", "peak MB"]
     table = [_row_cells(r, peers) for r in result["results"]]
     widths = [max(len(c), *(len(t[i]) for t in table)) if table else len(c) for i, c in enumerate(cols)]
 
@@ -36,7 +47,8 @@ def format_table(result: dict) -> str:
         return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     lines += ["", fmt(cols), fmt(["-" * w for w in widths])] + [fmt(t) for t in table]
     lines.append("(cpu: the CPU time the process got over wall time x threads, a gauge of the machine's load; "
-                 "vs PEER: mimkit's median images/s over the peer's at the same precision)")
+                 "vs PEER: mimkit's median images/s over the peer's at the same precision; not matmul: the step's "
+                 "time outside matrix multiplications, by the profiler, and its largest category)")
     dp = result.get("data_pipeline")
     if dp:
         v = dp["images_per_s"]
@@ -64,8 +76,8 @@ def markdown(result: dict) -> str:
              f"{result['load_after'][0] if result.get('load_after') else '?'} after. Dense matmul measured in the "
              "run: " + ", ".join(f"{p} {v['median'] / 1e9:.0f} GFLOP/s" for p, v in result["matmul"].items()) + ".",
              "", "| config | precision | implementation | batch | images/s, median [min-max] | CPU share | "
-             + " | ".join(f"mimkit / {p}" for p in peers) + " | GFLOP/image | GFLOP/s | of matmul rate | peak MB |",
-             "|" + " --- |" * (10 + len(peers))]
+             + " | ".join(f"mimkit / {p}" for p in peers) + " | GFLOP/image | GFLOP/s | of matmul rate | step outside matmuls (largest part) | peak MB |",
+             "|" + " --- |" * (11 + len(peers))]
     lines += ["| " + " | ".join(_row_cells(r, peers)) + " |" for r in result["results"]]
     dp, lc = result.get("data_pipeline"), result.get("loss_check")
     if dp:
