@@ -185,3 +185,18 @@ def test_flag_level_errors_are_one_line_naming_the_flag(monkeypatch, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(pattern, err), err
+
+
+def test_every_shipped_config_loads_with_its_command(tmp_path):
+    """Each YAML under configs/ is read by the command it is for, every key known and valid, so a recipe cannot
+    drift from the options it names (a misspelt key, a removed option, a value out of range)."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "configs"
+    command = {"cifar10-finetune.yaml": C.FinetuneConfig, "lineage.yaml": C.SweepConfig,
+               "mae-ablations.yaml": C.SweepConfig, "mae-curves.yaml": C.SweepConfig}
+    names = sorted(p.name for p in root.glob("*.yaml"))
+    assert "cifar10.yaml" in names and "cifar10-finetune.yaml" in names
+    for name in names:
+        cls = command.get(name, C.PretrainConfig)
+        given = {"checkpoint": str(tmp_path)} if cls is C.FinetuneConfig else {}  # named on the command line
+        load_config(cls, str(root / name), given)
