@@ -4,7 +4,8 @@
   engine can be tested in-process without decoding files.
 * ``FaultyObjective``: the micro MAE with faults injected by the number of forward calls: a NaN or infinite
   loss, a SIGTERM to its own process, a hang, or an exception on one rank.
-* ``make_fuzz_folder``: every kind of broken, odd or hostile image file a real data set contains.
+* ``make_fuzz_folder``: every kind of broken, odd or hostile image file a real data set contains;
+  ``noise_folder``: a plain labeled folder of noise images.
 * Run as a script, this module is the ``mimkit`` command with ``FaultyObjective`` registered as the objective
   ``faulty`` (its faults come from ``--objective-args``); the subprocess tests drive it like ``mimkit``.
 """
@@ -239,6 +240,18 @@ def jpeg_declaring(width: int, height: int) -> bytes:
 
 def noise_image(w, h, seed=0):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def noise_folder(root: Path, classes: int, per_class: int, name: str = "c{c}/{i}.png", seed: int = 0,
+                 size: int = 32) -> Path:
+    """A labeled folder of distinct RGB noise images (one sub-folder a class), for the data and run tests."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        for i in range(per_class):
+            path = Path(root) / name.format(c=c, i=i)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    return Path(root)
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

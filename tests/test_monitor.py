@@ -3,23 +3,16 @@
 import json
 import logging
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from helpers_faults import noise_folder
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """3 classes x 12 noise images, the classes alike: held-out k-NN is near chance, while images scored against
     a bank that holds them score 100%."""
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / f"c{c}").mkdir()
-        for i in range(12):
-            img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            Image.fromarray(img).save(root / f"c{c}" / f"{i}.png")
-    return root
+    return noise_folder(tmp_path_factory.mktemp("imgs"), classes=3, per_class=12)
 
 
 class FakeTracker:

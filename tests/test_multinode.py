@@ -6,12 +6,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from helpers_faults import TINY, cli_command, child_env, free_port
+from helpers_faults import TINY, cli_command, child_env, free_port, noise_folder
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("webdataset")
@@ -20,12 +18,7 @@ pytest.importorskip("webdataset")
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     from mimkit.data.shards import write_shards
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for c in range(2):
-        (root / f"c{c}").mkdir()
-        for i in range(20):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    root = noise_folder(tmp_path_factory.mktemp("imgs"), classes=2, per_class=20)
     return write_shards(root, tmp_path_factory.mktemp("shards"), shard_size=6)
 
 

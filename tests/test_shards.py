@@ -5,25 +5,20 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mimkit.data import make_loader, open_images
-from mimkit.data.shards import ShardLoader, ShardSource, buffer_order, write_shards
+from mimkit.data.shards import ShardSource, buffer_order, write_shards
 from mimkit.errors import DataError
+
+from helpers_faults import noise_folder
 
 pytest.importorskip("webdataset")
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """42 distinct 32x32 images in 3 class folders."""
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / f"class{c}").mkdir()
-        for i in range(14):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"class{c}" / f"im.{i}.png")
-    return root
+    """42 distinct 32x32 images in 3 class folders (dotted names: a webdataset key ends at the first dot)."""
+    return noise_folder(tmp_path_factory.mktemp("imgs"), classes=3, per_class=14, name="class{c}/im.{i}.png")
 
 
 @pytest.fixture(scope="module")
