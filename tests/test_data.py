@@ -13,7 +13,7 @@ from torchvision import transforms as T
 
 import mimkit.data as D
 from mimkit.errors import BadImage, DataError
-from mimkit.data.loader import _mix
+from mimkit.data.loader import mix_seed
 
 torch.set_num_threads(1)
 RNG = np.random.default_rng(0)
@@ -366,7 +366,7 @@ def test_cache_size_and_mixed_sizes(tmp_path):
 
 
 def test_augmentation_seed_is_per_image():
-    assert _mix(0, 1, 2) == _mix(0, 1, 2) and len({_mix(0, e, i) for e in range(10) for i in range(100)}) == 1000
+    assert mix_seed(0, 1, 2) == mix_seed(0, 1, 2) and len({mix_seed(0, e, i) for e in range(10) for i in range(100)}) == 1000
 
 
 def test_benchmark_loader(same_size):

@@ -32,14 +32,14 @@ CACHE_MAX_BYTES = 4 * 2 ** 30  # decode into memory when the uint8 images fit in
 DEVICE_CACHE_MAX_BYTES = 2 ** 30  # and keep them on the GPU when they fit in this
 
 
-def _mix(*ints) -> int:
+def mix_seed(*ints) -> int:
     """A well-mixed 63-bit seed from integers (seeds for nearby epochs/indices must not be correlated)."""
     digest = hashlib.blake2b(struct.pack(f"<{len(ints)}q", *ints), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
 @contextmanager
-def _seeded(seed):
+def seeded_rng(seed):
     """Seed python, numpy and torch's CPU generator (torchvision and timm transforms draw from these). In the main
     process (num_workers=0) restore them afterwards so as not to disturb the caller's streams; in a worker nothing
     else uses them (and saving numpy's state costs more than the transform). Only the CPU generator:
@@ -58,7 +58,6 @@ def _seeded(seed):
             torch.set_rng_state(state[2])
 
 
-mix_seed, seeded_rng = _mix, _seeded  # public: the shard and Hugging Face dataset loaders seed images the same way
 
 
 class ImageCache:
@@ -119,7 +118,7 @@ class ImageDataset(Dataset):
             if seed is None:
                 img = self.transform(img)
             else:
-                with _seeded(seed):
+                with seeded_rng(seed):
                     img = self.transform(img)
         return img, self.source.labels[i], i
 
@@ -299,7 +298,7 @@ class _RankBatches:
     def __iter__(self):
         L = self.loader
         for _, pos in L._rank_batches():
-            yield [(k, _mix(L.seed, L.epoch, L.indices[k])) for k in pos.tolist()]
+            yield [(k, mix_seed(L.seed, L.epoch, L.indices[k])) for k in pos.tolist()]
 
     def __len__(self):
         return max(0, len(self.loader) - self.loader.start_batch)
@@ -382,7 +381,7 @@ class Loader:
         n, bs = len(self.indices), self.batch_size
         G = bs * self.world_size
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch)))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch)))
         else:
             order = torch.arange(n)
         n_global = n // G if self.drop_last else -(-n // G)
@@ -413,7 +412,8 @@ class Loader:
         H, W = images.shape[2:]
         for b, pos in self._rank_batches():
             # parameters for the whole global batch, then this rank's slice: independent of the rank split
-            params = self.augment.sample(G, (H, W), torch.Generator().manual_seed(_mix(self.seed, self.epoch, b, 1)))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, b, 1))
+            params = self.augment.sample(G, (H, W), g)
             start = self.rank * self.batch_size
             keep = self.cache.valid[pos]
             sel = torch.arange(start, start + len(pos))[keep]
