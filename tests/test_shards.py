@@ -154,3 +154,28 @@ def test_cli_shards_then_pretrain(folder, tmp_path, capsys):
     assert main(["shards", str(folder), str(tmp_path / "sh")]) == 2
     err = capsys.readouterr().err
     assert "already holds" in err and err.count("\n") == 1
+
+
+def test_the_index_is_scanned_once_and_again_when_a_shard_changes(folder, tmp_path, monkeypatch):
+    """A second open reads the cached index (no tar scan) and gets the same images; rewriting a shard (new size and
+    time) scans that shard again; with the cache turned off every open scans."""
+    import mimkit.data.shards as S
+    out = write_shards(folder, tmp_path / "shards", shard_size=20)
+    monkeypatch.setenv("MIMKIT_SHARD_INDEX_CACHE", str(tmp_path / "index"))
+    scanned = []
+    real_scan = S.scan_shard
+    monkeypatch.setattr(S, "scan_shard", lambda url: scanned.append(url) or real_scan(url))
+    first = ShardSource(out)
+    assert len(scanned) == 3 and len(list((tmp_path / "index").iterdir())) == 3
+    second = ShardSource(out)
+    assert len(scanned) == 3  # nothing scanned
+    assert second.names == first.names and second.labels == first.labels
+    assert (second.offsets == first.offsets).all() and (second.shard_of == first.shard_of).all()
+    assert second.read_bytes(7) == first.read_bytes(7)
+    changed = tmp_path / "shards" / "shard-000001.tar"
+    os.truncate(changed, os.path.getsize(changed) - 512)  # its last member's padding: a different file now
+    ShardSource(out)
+    assert scanned[3:] == [str(changed)]
+    monkeypatch.setenv("MIMKIT_SHARD_INDEX_CACHE", "")
+    ShardSource(out)
+    assert len(scanned) == 3 + 1 + 3
