@@ -37,7 +37,7 @@ class OnlineEval:
 
     def __init__(self, objective, source, train_idx, val_idx, *, every: float, images: int, img_size: int,
                  device, precision: str = "fp32", k: int = 20, temperature: float = 0.07, mask_ratio: float = 0.75,
-                 seed: int = 0, pool: str = "cls"):
+                 seed: int = 0, pool: str = "cls", pixels=None):
         from .data import make_loader
         self.objective, self.every, self.k, self.temperature = objective, every, k, temperature
         self.device, self.precision, self.pool, self.mask_ratio, self.seed = device, precision, pool, mask_ratio, seed
@@ -50,7 +50,8 @@ class OnlineEval:
         # in-order eval loaders; 'auto' decodes small subsets once into a uint8 cache, so each evaluation only runs
         # the encoder
         self.bank, self.queries = (make_loader(source, idx, batch_size=256, recipe="eval", img_size=img_size,
-                                               shuffle=False, num_workers=0, cache="auto", device=device)
+                                               shuffle=False, num_workers=0, cache="auto", device=device,
+                                               pixels=pixels)
                                    for idx in (bank, queries))
         self.num_images = (len(bank), len(queries))
 

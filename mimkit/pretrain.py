@@ -64,7 +64,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
 
     figure = _figure_callback(objective, source, val_idx if len(val_idx) else train_idx, img_size, run_dir, cfg, env,
                               pixels)
-    watch = _online_eval(objective, source, train_idx, val_idx, img_size, cfg, env)
+    watch = _online_eval(objective, source, train_idx, val_idx, img_size, cfg, env, pixels)
 
     def on_epoch_end(epoch: int, step: int):
         if figure is not None:
@@ -113,7 +113,7 @@ def _init_from(objective, path: str):
     log.info("--init: loaded %s", path)
 
 
-def _online_eval(objective, source, train_idx, val_idx, img_size, cfg, env):
+def _online_eval(objective, source, train_idx, val_idx, img_size, cfg, env, pixels):
     """--eval-every: k-NN top-1 of held-out images and their reconstructions, on the main process (the weights are
     the same on every process); the check that there are labeled held-out images runs on every process."""
     if not cfg.eval_every:
@@ -125,7 +125,7 @@ def _online_eval(objective, source, train_idx, val_idx, img_size, cfg, env):
         return None
     return OnlineEval(objective, source, train_idx, val_idx, every=cfg.eval_every, images=cfg.eval_images,
                       img_size=img_size, device=env.device, precision=resolve(cfg.precision, env.device)[0],
-                      mask_ratio=cfg.mask_ratio or 0.75, seed=cfg.seed, pool=cfg.eval_pool)
+                      mask_ratio=cfg.mask_ratio or 0.75, seed=cfg.seed, pool=cfg.eval_pool, pixels=pixels)
 
 
 def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env, pixels):

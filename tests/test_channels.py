@@ -196,9 +196,9 @@ def test_rgb_only_augmentations_and_objectives_refuse_other_channel_counts(tmp_p
 # end to end --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("channels,kind", [(1, "png"), (4, "tif"), (13, "npy")])
 def test_any_channel_count_through_pretrain_evaluations_embed_and_reconstruct(tmp_path, channels, kind):
-    """1, 4 and 13 channels: pretrain (2 steps), k-NN, linear probe, fine-tuning, embed and reconstruct, each
-    reading the spec the checkpoint records (its mean/std are the auto statistics, not ImageNet's); a model
-    that ignored in_chans, or a command that normalised with ImageNet's numbers, fails this."""
+    """1, 4 and 13 channels: pretrain (2 steps, with --eval-every), k-NN, linear probe, fine-tuning, embed and
+    reconstruct, each reading the spec the checkpoint records (its mean/std are the auto statistics, not
+    ImageNet's); a model that ignored in_chans, or a command that normalised with ImageNet's numbers, fails this."""
     from mimkit.checkpoints import load_encoder
     from mimkit.eval.finetune import finetune
     from mimkit.eval.knn import knn
@@ -210,7 +210,9 @@ def test_any_channel_count_through_pretrain_evaluations_embed_and_reconstruct(tm
     common = dict(data=data, threads=1, num_workers=0)
     run = tmp_path / "pre"
     pretrain(load_config(PretrainConfig, overrides=dict(common, model=MICRO, max_steps=2, batch_size=4,
-                                                        output=str(run), decoder_depth=1)))
+                                                        output=str(run), decoder_depth=1, eval_every=1)))
+    knn_lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "knn_top1" in line]
+    assert len(knn_lines) == 1  # --eval-every reads the held-out images with the run's spec too
     enc = load_encoder(str(run))
     assert enc.in_chans == channels and enc.arch["pixels"]["in_chans"] == channels
     src = open_images(data)
