@@ -251,8 +251,8 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
         on_step: Optional[Callable[[int, int, bool], Optional[dict]]] = None) -> TrainResult:
     """Train ``task`` for ``cfg.epochs`` over ``loader``; resumable; returns the final state. On the main process,
     ``on_epoch_end(epoch, step)`` runs after each epoch's checkpoint and ``on_step(step, steps_per_epoch, last)``
-    after each optimizer step (e.g. --eval-every at fractions of an epoch); values they return are written as
-    metrics."""
+    after each optimizer step and before the first (e.g. --eval-every at fractions of an epoch); values they return
+    are written as metrics."""
     run_dir = Path(run_dir)
     if env.is_main:  # commands claim it first (rundir.prepare); a direct caller of fit gets it made here
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -272,6 +272,10 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
 
     task.train()
     with StopRequest(getattr(cfg, "sigterm_grace", 60.0)) as stop, report:
+        if on_step is not None and env.is_main and pos.step == 0:  # where a fresh run starts from
+            values = on_step(0, steps_per_epoch, False)
+            if values:
+                report.epoch_values(0, 0.0, values)
         while pos.step < pos.total_steps:
             loader.set_epoch(pos.epoch, start_batch=pos.batch_in_epoch)
             window.reset()

@@ -1,6 +1,7 @@
 """Watching a long pretraining run: every ``--eval-every N`` epochs (a fraction allowed: 0.25 is four times an
 epoch, for short CPU runs), k-NN top-1 of the encoder on a fixed subset of the held-out split, and reconstructions
-of the same held-out images (an online k-NN callback, as lightly's), and once more at the last step.
+of the same held-out images (an online k-NN callback, as lightly's), and also before the first step (the
+untrained encoder: where the curve starts) and at the last.
 
 The memory bank is a fixed, evenly spaced subset of the training split and the queries a fixed, evenly spaced
 subset of the held-out split (``--eval-images`` each), read with the eval recipe (resize and centre crop, no
@@ -31,8 +32,8 @@ def check_online_eval(source, val_idx):
 
 
 class OnlineEval:
-    """``__call__(step, steps_per_epoch, last) -> dict`` every ``every`` epochs' worth of steps and at the last
-    step: ``{"knn_top1": %, "reconstructions": images}`` (images (N, 3, H, W) in [0, 1]: rows of original, masked,
+    """``__call__(step, steps_per_epoch, last) -> dict`` at step 0, every ``every`` epochs' worth of steps and at
+    the last step: ``{"knn_top1": %, "reconstructions": images}`` (images (N, 3, H, W) in [0, 1]: rows of original, masked,
     reconstruction, pasted), else None."""
 
     def __init__(self, objective, source, train_idx, val_idx, *, every: float, images: int, img_size: int,

@@ -42,8 +42,9 @@ def test_eval_every_logs_the_real_knn_everywhere(folder, tmp_path, monkeypatch, 
                      "--num-workers", "0", "--log-every", "1", "--output", str(run)]) == 0
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     knn = [line for line in lines if "knn_top1" in line]
-    # 27 training images in batches of 8: 3 steps an epoch; every half epoch rounds to every 2 steps
-    assert [(line["step"], line["epoch"]) for line in knn] == [(2, 0.6667), (4, 1.3333), (6, 2.0)]
+    # 27 training images in batches of 8: 3 steps an epoch; every half epoch rounds to every 2 steps; step 0 is the
+    # untrained encoder
+    assert [(line["step"], line["epoch"]) for line in knn] == [(0, 0.0), (2, 0.6667), (4, 1.3333), (6, 2.0)]
     assert main(["knn", "--checkpoint", str(run), "--data", str(folder), "--val-fraction", "0.25",
                  "--feature-cache", "", "--num-workers", "0", "--output", str(tmp_path / "knn")]) == 0
     results = json.loads((tmp_path / "knn" / "results.json").read_text())
@@ -52,7 +53,7 @@ def test_eval_every_logs_the_real_knn_everywhere(folder, tmp_path, monkeypatch, 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
     assert [e.value for e in events.Scalars("knn_top1")] == pytest.approx([k["knn_top1"] for k in knn])
-    assert len(events.Images("reconstructions")) == 3
+    assert len(events.Images("reconstructions")) == 4
     # the tracker saw the loss and the k-NN, and was closed
     assert any("loss" in v for _, v in tracker.logged) and any("knn_top1" in v for _, v in tracker.logged)
     assert tracker.closed
@@ -109,3 +110,5 @@ def test_eval_every_is_due_on_whole_epochs_fractions_of_one_and_the_last_step():
     assert due(0.25, 100, 240) == [25, 50, 75, 100, 125, 150, 175, 200, 225, 240]
     assert due(0.01, 10, 3) == [1, 2, 3]
     assert due(0, 10, 30) == []
+    watch.every = 0.5
+    assert watch.due(0, 10, False)  # before the first step
