@@ -371,6 +371,9 @@ class ShardsConfig:
     src: str = opt("", "images to write: a folder, .tar/.tar.gz archive or anything --data opens", positional=True)
     out: str = opt("", "folder for the shards (shard-000000.tar, ...)", positional=True)
     shard_size: int = opt(1000, "images per shard")
+    shuffle: bool = opt(True, "write the images in a seeded random order (the reader shuffles only within a buffer, "
+                        "so shards of class-sorted folders would give batches of one class)")
+    seed: int = opt(0, "seed of the --shuffle order")
 
     def validate(self):
         for name in ("src", "out"):

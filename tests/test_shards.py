@@ -179,3 +179,19 @@ def test_the_index_is_scanned_once_and_again_when_a_shard_changes(folder, tmp_pa
     monkeypatch.setenv("MIMKIT_SHARD_INDEX_CACHE", "")
     ShardSource(out)
     assert len(scanned) == 3 + 1 + 3
+
+
+def test_written_in_a_seeded_random_order_held_out_as_the_folder(folder, tmp_path):
+    """`mimkit shards` mixes the classes of a class-sorted folder into every shard (the reader only shuffles within
+    a buffer), yet holds out the same images as the folder; --no-shuffle keeps the folder's order. Writing in
+    folder order, or splitting in shard order, fails this."""
+    from mimkit.data import split_train_val
+    ref = open_images(folder)
+    src = open_images(write_shards(folder, tmp_path / "mixed", shard_size=5))
+    assert all(len({src.labels[i] for i in range(len(src)) if src.shard_of[i] == s}) > 1 for s in range(3))
+    plain_key = lambda n: n.split(":", 1)[1].replace("im_", "im.")  # noqa: E731  (the key's dot became _)
+    for fraction in (0.1, 0.25):
+        held_out = sorted(plain_key(src.names[i]) for i in split_train_val(src, fraction)[1])
+        assert held_out == sorted(ref.names[j] for j in split_train_val(ref, fraction)[1])
+    plain = open_images(write_shards(folder, tmp_path / "plain", shard_size=5, shuffle=False))
+    assert [plain_key(n) for n in plain.names] == ref.names

@@ -22,7 +22,6 @@ from the ``.cls`` member; kept under ``~/.cache/mimkit/shard-index`` for local s
   Augmentation is seeded per image by (seed, epoch, image index), as on the folder path.
 """
 import hashlib
-import io
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from ..errors import BadImage, DataError
 from ..files import write_json
 from .decode import decode_image
 from .loader import mix_seed, resolve_workers, seeded_rng
-from .source import IMG_EXTENSIONS, ImageSource, register_source
+from .source import IMG_EXTENSIONS, ImageSource, name_sort_key, register_source
 from .transforms import build_transform
 
 log = logging.getLogger(__name__)
@@ -160,6 +159,11 @@ class ShardSource(ImageSource):
         self.offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
         self.classes = [str(c) for c in range(max(labels) + 1)] if max(labels) >= 0 else []
         self._files, self._pid = {}, None
+
+    def sort_key(self, i: int):
+        """The sample's key (``class/name.ext``, without the shard file), compared as a folder's names are: the
+        held-out split is the source folder's, however the shards were shuffled."""
+        return name_sort_key(self.names[i].split(":", 1)[1])
 
     def read_bytes(self, i: int) -> bytes:
         if self._pid != os.getpid():  # a forked worker opens its own handles
@@ -365,12 +369,17 @@ class ShardLoader:
 
 
 # writing ------------------------------------------------------------------------------------------------------
-def write_shards(src, out, shard_size: int = 1000, prefix: str = "shard") -> str:
+def write_shards(src, out, shard_size: int = 1000, prefix: str = "shard", shuffle: bool = True,
+                 seed: int = 0) -> str:
     """Write the images of ``src`` (a path ``open_images`` takes, or a source) as tar shards of ``shard_size``
     images with webdataset's ShardWriter: each sample is ``KEY.EXT`` (the file's bytes, not re-encoded) and, when
     the images sit in class folders, ``KEY.cls`` (the class index). Returns the brace pattern of the shards.
-    Written in a hidden folder in ``out`` and moved into place when complete, so a stopped run leaves no shard
-    that looks whole."""
+
+    ``shuffle`` writes the images in a seeded random order, as webdataset advises: the reader shuffles only
+    within a buffer, so shards of a class-sorted folder would give training batches of one class (measured on
+    CIFAR-10: a noisier loss and a lower k-NN than the same recipe from the archive). The held-out split does not
+    depend on it (``split_train_val`` sorts each class by key). Written in a hidden folder in ``out`` and moved
+    into place when complete, so a stopped run leaves no shard that looks whole."""
     import shutil
     import tempfile
     try:
@@ -388,8 +397,10 @@ def write_shards(src, out, shard_size: int = 1000, prefix: str = "shard") -> str
     tmp = tempfile.mkdtemp(prefix=".partial-", dir=out)
     try:
         keys = set()
+        order = np.random.default_rng(seed).permutation(len(source)) if shuffle else range(len(source))
         with wds.ShardWriter(os.path.join(tmp, f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
-            for i, name in enumerate(source.names):
+            for i in order:
+                i, name = int(i), source.names[i]
                 stem, _, ext = name.rpartition(".")
                 key = (stem or name).replace(".", "_")  # a dot would end the key (webdataset's convention)
                 if key in keys:
@@ -409,7 +420,7 @@ def write_shards(src, out, shard_size: int = 1000, prefix: str = "shard") -> str
 
 def shards_command(cfg) -> str:
     """``mimkit shards SRC OUT``: write the shards and print the ``--data`` pattern that reads them."""
-    pattern = write_shards(cfg.src, cfg.out, cfg.shard_size)
+    pattern = write_shards(cfg.src, cfg.out, cfg.shard_size, shuffle=cfg.shuffle, seed=cfg.seed)
     print(f"shards: wrote {len(expand(pattern))} shards of up to {cfg.shard_size} images; train with --data '{pattern}'",
           flush=True)
     return pattern

@@ -25,7 +25,7 @@ def _is_image(relpath: str) -> bool:
     return relpath.lower().endswith(IMG_EXTENSIONS) and not any(p.startswith(".") for p in relpath.split("/"))
 
 
-def _sort_key(name: str):
+def name_sort_key(name: str):
     return name.split("/")  # component-wise, so a class folder's files stay together in folder order
 
 
@@ -34,7 +34,7 @@ class ImageSource:
 
     def __init__(self, root, names):
         self.root = str(root)
-        self.names = sorted(names, key=_sort_key)
+        self.names = sorted(names, key=name_sort_key)
         # classes: first-level folders holding images, sorted as torchvision's ImageFolder does
         self.classes = sorted({n.split("/", 1)[0] for n in self.names if "/" in n})
         idx = {c: i for i, c in enumerate(self.classes)}
@@ -45,6 +45,11 @@ class ImageSource:
 
     def read_bytes(self, i: int) -> bytes:
         raise NotImplementedError
+
+    def sort_key(self, i: int):
+        """Where image ``i`` stands in its class for the fixed split: its position here (sources are in sorted
+        order); a source in another order (shuffled shards) gives the key of the file it came from."""
+        return i
 
     def __repr__(self):
         return f"{type(self).__name__}({self.root!r}, {len(self)} images, {len(self.classes)} classes)"
@@ -269,7 +274,8 @@ def open_images(path, **dataset_options) -> ImageSource:
 
 
 def split_train_val(source: ImageSource, val_fraction: float = 0.1):
-    """Fixed split: per class, the last round(n_c * val_fraction) images in sorted order are validation.
+    """Fixed split: per class, the last round(n_c * val_fraction) images in sorted order (``source.sort_key``) are
+    validation.
 
     Unlabeled images (-1) form one group, so an unlabeled source gives the last fraction overall.
     Rounding is half-up (45 * 0.1 -> 5). Returns two sorted lists of source indices.
@@ -279,9 +285,10 @@ def split_train_val(source: ImageSource, val_fraction: float = 0.1):
         return source.fixed_split
     groups = {}
     for i, y in enumerate(source.labels):
-        groups.setdefault(y, []).append(i)  # source order is sorted, so each group is too
+        groups.setdefault(y, []).append(i)
     train, val = [], []
     for idx in groups.values():
+        idx.sort(key=source.sort_key)  # a no-op for sources in sorted order
         k = math.floor(len(idx) * val_fraction + 0.5)
         train += idx[:len(idx) - k]
         val += idx[len(idx) - k:]
