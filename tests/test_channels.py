@@ -212,7 +212,7 @@ def test_any_channel_count_through_pretrain_evaluations_embed_and_reconstruct(tm
     pretrain(load_config(PretrainConfig, overrides=dict(common, model=MICRO, max_steps=2, batch_size=4,
                                                         output=str(run), decoder_depth=1, eval_every=1)))
     knn_lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "knn_top1" in line]
-    assert len(knn_lines) == 1  # --eval-every reads the held-out images with the run's spec too
+    assert [line["step"] for line in knn_lines] == [0, 2]  # --eval-every reads held-out images with the run's spec
     enc = load_encoder(str(run))
     assert enc.in_chans == channels and enc.arch["pixels"]["in_chans"] == channels
     src = open_images(data)
