@@ -15,8 +15,9 @@ demo: install
 	$(PYTHON) -m mimkit.cli pretrain --config configs/demo.yaml --output $(DEMO) --overwrite
 	$(PYTHON) -m mimkit.cli reconstruct --checkpoint $(DEMO) --images builtin --val-fraction 0.1 --output $(DEMO)/figures
 
+# two test processes (pytest-xdist): most tests run one thread, so the 2-core machine runs two at once
 test: install
-	$(PYTHON) -m pytest tests -q
+	$(PYTHON) -m pytest tests -q -n 2
 
 bench: install
 	$(PIP) install -q -e ".[bench]"
