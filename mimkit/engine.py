@@ -272,10 +272,13 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
 
     task.train()
     with StopRequest(getattr(cfg, "sigterm_grace", 60.0)) as stop, report:
-        if on_step is not None and env.is_main and pos.step == 0:  # where a fresh run starts from
-            values = on_step(0, steps_per_epoch, False)
+        def watch(last: bool):  # on_step's values (e.g. --eval-every's k-NN), written as metrics
+            values = on_step(pos.step, steps_per_epoch, last) if on_step is not None and env.is_main else None
             if values:
-                report.epoch_values(0, 0.0, values)
+                report.epoch_values(pos.step, round(pos.step / steps_per_epoch, 4), values)
+
+        if pos.step == 0:  # where a fresh run starts from
+            watch(last=False)
         while pos.step < pos.total_steps:
             loader.set_epoch(pos.epoch, start_batch=pos.batch_in_epoch)
             window.reset()
@@ -313,10 +316,7 @@ def fit(task: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, cfg, ru
                     save()
                 if time_up:
                     pos.total_steps = clock.stop_at(pos.step, pos.total_steps)
-                if on_step is not None and env.is_main:
-                    values = on_step(pos.step, steps_per_epoch, pos.step >= pos.total_steps)
-                    if values:
-                        report.epoch_values(pos.step, round(pos.step / steps_per_epoch, 4), values)
+                watch(last=pos.step >= pos.total_steps)
                 if pos.step >= pos.total_steps:
                     break
             # the epoch is over: its batches are done, the run is, or the loader ran out early (a batch of only

@@ -33,8 +33,8 @@ def check_online_eval(source, val_idx):
 
 class OnlineEval:
     """``__call__(step, steps_per_epoch, last) -> dict`` at step 0, every ``every`` epochs' worth of steps and at
-    the last step: ``{"knn_top1": %, "reconstructions": images}`` (images (N, 3, H, W) in [0, 1]: rows of original, masked,
-    reconstruction, pasted), else None."""
+    the last step: ``{"knn_top1": %, "reconstructions": images}`` (images (N, 3, H, W) in [0, 1]: rows of original,
+    masked, reconstruction, pasted), else None."""
 
     def __init__(self, objective, source, train_idx, val_idx, *, every: float, images: int, img_size: int,
                  device, precision: str = "fp32", k: int = 20, temperature: float = 0.07, mask_ratio: float = 0.75,
