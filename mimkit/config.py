@@ -190,6 +190,7 @@ class FinetuneConfig(EvalOptions, OptimOptions, EngineOptions):
     cutmix: float = opt(1.0, "cutmix alpha (0: off)")
     randaug: str = opt("rand-m9-mstd0.5-inc1", "timm RandAugment spec ('' : off)")
     reprob: float = opt(0.25, "random erasing probability")
+    crop_scale: float = opt(0.08, "smallest area fraction of the random resized crop (timm's and MAE's 0.08)")
     global_pool: bool = opt(True, "average patch tokens for the head (else the class token)")
     blocks: int = opt(0, "tune only the last K blocks (0: all); the paper's partial fine-tuning")
 
@@ -198,6 +199,8 @@ class FinetuneConfig(EvalOptions, OptimOptions, EngineOptions):
         check_common(self)
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if not 0 < self.crop_scale <= 1:
+            raise ConfigError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
 
 
 @dataclass

@@ -65,8 +65,10 @@ def _move_aside(path: Path) -> Path:
     raise ConfigError(f"--overwrite: could not move {path} aside")
 
 
-def claim(output: str, command: str, resume: bool = False, overwrite: bool = False, guard: bool = True) -> Path:
-    """The run directory for a new (or, with ``resume``, continued) run, created, with its ``run.json``.
+def claim(output: str, command: str, resume: bool = False, overwrite: bool = False, guard: bool = True,
+          facts: Optional[dict] = None) -> Path:
+    """The run directory for a new (or, with ``resume``, continued) run, created, with its ``run.json``
+    (``facts``, such as the precision ``auto`` chose, are recorded in it beside the id).
 
     ``guard=False`` (an evaluation that only writes its results) skips the one-run-per-folder check.
     """
@@ -87,7 +89,7 @@ def claim(output: str, command: str, resume: bool = False, overwrite: bool = Fal
         path.mkdir(parents=True, exist_ok=True)
     if guard and not (resume and (path / RUN_FILE).is_file()):
         write_json(path / RUN_FILE, {"run_id": uuid.uuid4().hex[:16], "command": command,
-                                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(facts or {})})
     return path
 
 
@@ -97,8 +99,9 @@ def prepare(cfg, command: str, env) -> Path:
     result: list = [None, None]
     if env.is_main:
         try:
+            facts = {"precision": env.precision, "device": str(env.device)}  # what --precision auto chose, kept
             result[0] = str(claim(cfg.output, command, getattr(cfg, "resume", False), getattr(cfg, "overwrite", False),
-                                  guard=hasattr(cfg, "resume")))
+                                  guard=hasattr(cfg, "resume"), facts=facts))
         except ConfigError as e:
             result[1] = str(e)
     if env.distributed:  # the others wait for the main process to create (or move) the folder

@@ -1,5 +1,6 @@
 """``--precision auto`` (the default): bf16 where the device runs it natively, fp32 elsewhere, logged, and what the
 engine trains in."""
+import json
 import logging
 
 import pytest
@@ -36,8 +37,8 @@ def test_an_explicit_precision_is_kept(monkeypatch):
 
 def test_auto_is_the_default_and_the_engine_trains_in_what_it_resolved_to(tmp_path, monkeypatch, caplog):
     """The default config says auto; with a (pretended) native-bf16 CPU the engine's autocast gets bf16 and the
-    choice is logged with its reason, and without one fp32. An engine that passed the raw option on (``auto``) or
-    ignored the choice fails this."""
+    choice is logged with its reason and kept in run.json, and without one fp32. An engine that passed the raw
+    option on (``auto``) or ignored the choice fails this."""
     import mimkit.engine as engine
     assert PretrainConfig().precision == "auto"
     seen = []
@@ -50,3 +51,4 @@ def test_auto_is_the_default_and_the_engine_trains_in_what_it_resolved_to(tmp_pa
         pretrain(load_config(PretrainConfig, overrides={**TINY, "output": str(tmp_path / want)}))
         assert seen and set(seen) == {want}
         assert any(f"--precision auto: {want} (Test CPU" in r.getMessage() for r in caplog.records)
+        assert json.loads((tmp_path / want / "run.json").read_text())["precision"] == want

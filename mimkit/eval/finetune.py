@@ -148,7 +148,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     optimizer = finetune_optimizer(model, lr, cfg.weight_decay, cfg.layer_decay)
     loader = image_loader(source, train_idx, cfg, env, recipe="finetune", img_size=img_size, shuffle=True,
                           drop_last=True, distributed=True, auto_augment=cfg.randaug or None, re_prob=cfg.reprob,
-                          pixels=pixels)
+                          scale=(cfg.crop_scale, 1.0), pixels=pixels)
     run_dir = Path(cfg.output)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
