@@ -348,10 +348,27 @@ def test_recipes_shapes(same_size, recipe, aug):
     src = D.open_images(same_size)
     for cache in ("on", "off"):
         ld = D.make_loader(src, batch_size=4, recipe=recipe, aug=aug, img_size=16, cache=cache, num_workers=0)
-        assert ld.batched == (cache == "on" and recipe != "finetune")
+        assert ld.batched == (cache == "on" and recipe != "finetune")  # MAE's fine-tuning: RandAugment, erasing
         x, y = next(iter(ld))
         assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and y.shape == (4,)
         assert x.abs().max() < 3.0
+
+
+def test_geometric_finetuning_is_batched(same_size):
+    """Fine-tuning without RandAugment, colour jitter and random erasing is a random resized crop (timm's 0.08-1
+    unless a scale is given) and a flip: the batched path does it; with any of those on, the per-image timm path.
+    A loader that batched RandAugment away, or dropped the fine-tuning scale for pretraining's 0.2, fails this."""
+    src = D.open_images(same_size)
+    load = lambda **kw: D.make_loader(src, batch_size=4, recipe="finetune", img_size=16, cache="on",  # noqa: E731
+                                      num_workers=0, **kw)
+    plain = load(auto_augment=None, re_prob=0.0)
+    assert plain.batched and plain.augment.mode == "rrc" and plain.augment.scale == (0.08, 1.0)
+    assert load(auto_augment=None, re_prob=0.0, scale=(0.5, 1.0)).augment.scale == (0.5, 1.0)
+    x, _ = next(iter(plain))
+    assert x.shape == (4, 3, 16, 16)
+    for kw in (dict(re_prob=0.0), dict(auto_augment=None, re_prob=0.25), dict(auto_augment=None, re_prob=0.0,
+                                                                               color_jitter=0.4)):
+        assert not load(**kw).batched
 
 
 def test_cache_size_and_mixed_sizes(tmp_path):

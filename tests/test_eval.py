@@ -140,6 +140,7 @@ def test_feature_loader_batches_and_shards():
 def test_layer_decay_groups():
     model = build_classifier(create_encoder(MICRO), 10, global_pool=True)
     opt = finetune_optimizer(model, 1e-3, 0.05, 0.75)
+    assert opt.defaults["fused"]  # one kernel over all parameters, as pretraining's (3-4x the per-tensor loop)
     scale = {n: g["lr_scale"] for g in opt.param_groups for p in g["params"]
              for n, q in model.named_parameters() if q is p}
     assert scale["blocks.0.attn.qkv.weight"] == pytest.approx(0.75 ** 4)

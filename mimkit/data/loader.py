@@ -25,7 +25,7 @@ from .decode import decode_tensor, load_image, pil_to_tensor, read_bytes
 from ..errors import BadImage, DataError
 from .pixels import PixelSpec, load_input
 from .source import ImageSource, open_images, split_train_val
-from .transforms import AUGS, RECIPES, BatchAugment, TensorTransform, build_transform
+from .transforms import AUGS, RECIPES, BatchAugment, TensorTransform, batched_form, build_transform
 
 log = logging.getLogger(__name__)
 CACHE_MAX_BYTES = 4 * 2 ** 30  # decode into memory when the uint8 images fit in this
@@ -342,9 +342,10 @@ class Loader:
 
         if pixels is not None and not pixels.is_rgb8:  # the spec's statistics, for the batched and per-image paths
             transform_kwargs = dict(transform_kwargs, mean=pixels.mean, std=pixels.std)
-        self.batched = self.cache is not None and recipe in ("pretrain", "eval")
+        form = batched_form(recipe, aug, transform_kwargs)
+        self.batched = self.cache is not None and form is not None
         if self.batched:  # decoded once, augmented on batched tensors on the device
-            self.augment = BatchAugment(recipe, img_size, aug, **transform_kwargs)
+            self.augment = BatchAugment(form[0], img_size, form[1], **form[2])
             if self.device.type != "cpu" and self.cache.images.numel() <= DEVICE_CACHE_MAX_BYTES:
                 self.cache.images = self.cache.images.to(self.device)
             self._dl = None

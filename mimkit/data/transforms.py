@@ -208,6 +208,19 @@ def _color_jitter(x, factors, order):
     return x
 
 
+def batched_form(recipe: str, aug: str, transform_kwargs: dict):
+    """``(recipe, aug, kwargs)`` for a :class:`BatchAugment` that does what ``recipe`` does, or None where only the
+    per-image path can: the pretrain and eval recipes always; fine-tuning when it is only geometric (its random
+    resized crop, timm's scale 0.08-1 unless given, and flip; no RandAugment, colour jitter or random erasing)."""
+    if recipe in ("pretrain", "eval"):
+        return recipe, aug, transform_kwargs
+    kw = {**FINETUNE_DEFAULTS, **transform_kwargs}
+    if any(kw.get(k) for k in ("auto_augment", "color_jitter", "re_prob")):
+        return None
+    kept = {k: transform_kwargs[k] for k in ("crop_pct", "mean", "std") if k in transform_kwargs}
+    return "pretrain", "rrc", {**kept, "scale": transform_kwargs.get("scale") or (0.08, 1.0)}
+
+
 class TensorTransform:
     """The per-image path for tensors of any channel count and bit depth ((C, H, W) uint8 or float in [0, 1]):
     the pretrain and eval recipes are :class:`BatchAugment` on a batch of one, drawn from torch's global

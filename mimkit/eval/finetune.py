@@ -75,9 +75,10 @@ def freeze_all_but_last(model: MaskedViT, blocks: int):
 def finetune_optimizer(model: MaskedViT, lr: float, weight_decay: float = 0.05, layer_decay: float = 0.75):
     """timm's AdamW (0.9, 0.999) over the trainable parameters, grouped by timm's layer-wise lr decay: block i
     gets ``lr_scale = layer_decay ** (depth - i)``, the head and final norm 1, the embeddings (patch, class
-    token, positions) ``layer_decay ** (depth + 1)``; no weight decay on norms, biases, class token, positions."""
+    token, positions) ``layer_decay ** (depth + 1)``; no weight decay on norms, biases, class token, positions.
+    Fused (one kernel over all parameters), as pretraining's optimizer."""
     return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999),
-                               layer_decay=layer_decay if layer_decay < 1 else None)
+                               layer_decay=layer_decay if layer_decay < 1 else None, fused=True)
 
 
 class FinetuneTask(nn.Module):
