@@ -4,7 +4,8 @@
         --evals runs --out docs/figures/cifar10-time-to-accuracy.png
 
 Each pretraining run is a point: its minutes are the training loop's wall time (the engine's `epoch_time_s`
-in metrics.jsonl, summed over epochs: start-up and data opening excluded, in-loop `--eval-every` included),
+in metrics.jsonl, the time since the loop started at each epoch's end, at the last one: start-up and data
+opening excluded, in-loop `--eval-every` included),
 its steps and images from the same file, its precision as asked (config.yaml) and chosen (run.json). Its
 scores are the `mimkit knn` and `mimkit linprobe` results found under `--evals` whose `checkpoint` is that run;
 results of `--random-init` evaluations of any of the runs give the 0-minute point (the untrained encoder).
@@ -22,7 +23,7 @@ def _jsonl(path: Path):
 def pretraining(run: Path) -> dict:
     """minutes, steps, images, batch and precision of one pretraining run folder."""
     lines = _jsonl(run / "metrics.jsonl")
-    seconds = sum(m["epoch_time_s"] for m in lines if "epoch_time_s" in m)
+    seconds = max(m["epoch_time_s"] for m in lines if "epoch_time_s" in m)  # since the loop started
     steps = max(m["step"] for m in lines)
     config = {}
     for line in (run / "config.yaml").read_text().splitlines():  # flat `key: value` lines; no YAML needed here

@@ -23,7 +23,8 @@ def _script():
 
 
 def test_points_pair_each_run_with_its_own_evaluations(tmp_path):
-    """Minutes from the engine's epoch times, images = steps x batch, the chosen precision from run.json, and each
+    """Minutes from the engine's epoch times (time since the loop started: the last, not their sum, over a run of
+    several epochs), images = steps x batch, the chosen precision from run.json, and each
     run's k-NN / probe found by checkpoint (the untrained encoder at 0 minutes). Pairing a score with another
     run's checkpoint, or counting steps instead of images, fails this."""
     tta = _script()
@@ -37,10 +38,14 @@ def test_points_pair_each_run_with_its_own_evaluations(tmp_path):
                                                          ("knn-random", "knn", run, True, 24.0)):
         write_json(tmp_path / "evals" / name / "results.json",
                    {"command": command, "top1": top1, "checkpoint": str(checkpoint), "random_init": random_init})
+    metrics = run / "metrics.jsonl"
+    (last,) = [m["epoch_time_s"] for m in map(json.loads, metrics.read_text().splitlines()) if "epoch_time_s" in m]
     point = tta.pretraining(run)
-    seconds = sum(m["epoch_time_s"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-                  if "epoch_time_s" in m)
-    assert point["steps"] == 3 and point["images"] == 48 and abs(point["minutes"] - seconds / 60) < 1e-9
+    assert point["steps"] == 3 and point["images"] == 48 and abs(point["minutes"] - last / 60) < 1e-9
+    with metrics.open("a") as f:  # a second epoch, as the engine writes it: the time since the loop started
+        f.write(json.dumps({"step": 6, "epoch_time_s": last + 60.0, "epoch": 1}) + "\n")
+    point = tta.pretraining(run)
+    assert point["steps"] == 6 and point["images"] == 96 and abs(point["minutes"] - (last / 60 + 1)) < 1e-9
     chosen = resolve("auto", "cpu")[0]  # fp32 or bf16, as this machine's CPU has native bf16 or not
     assert point["asked"] == "auto" and point["precision"] == f"auto -> {chosen}"
     rows = tta.table([point], tta.evaluations([tmp_path / "evals"]))
