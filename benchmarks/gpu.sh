@@ -30,7 +30,7 @@ echo "== 2/3: 2 minutes of CIFAR-10 pretraining (tiny32 recipe, bf16, loader in 
 timeout 300 "$PY" -m mimkit.cli pretrain --config configs/cifar10.yaml --data "$DATA" --precision bf16 \
     --time-limit 2 --figure-every 0 --save-every 0 --output "$OUT/cifar10-2min" 2>&1 | tee "$OUT/pretrain.txt"
 
-echo "== 3/3: the time-to-accuracy curve (steps: ${STEPS:=42 74 146 240})"
+echo "== 3/3: the time-to-accuracy curve (steps: ${STEPS:=42 74 172 240})"
 for n in $STEPS; do
     timeout 300 "$PY" -m mimkit.cli pretrain --config configs/cifar10.yaml --data "$DATA" --time-limit 0 --max-steps "$n" \
         --figure-every 0 --output "$OUT/tta-$n" > "$OUT/tta-$n.txt" 2>&1
