@@ -19,20 +19,24 @@ from timm.models.vision_transformer import VisionTransformer
 from .pos_embed import sincos_2d
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+PLAIN_FP32_MAX_TOKENS = 65  # measured plain-faster up to here (tiny32's 17 and 65 tokens), fused-faster at 197
 
 
 class Attention(_TimmAttention):
-    """timm's attention (same parameters and state dict keys), with one measured exception.
+    """timm's attention (same parameters and state dict keys), with measured exceptions on the CPU.
 
-    Everything goes through timm's forward, i.e. ``F.scaled_dot_product_attention`` (fused kernels), except
-    bf16/fp16 on the CPU: there PyTorch's fused CPU kernel is 2-5x slower than a plain matmul-softmax-matmul
-    for MAE's short sequences (17-197 tokens; its backward dominates the step), so that case computes the same
-    attention with plain ops. ``fused_attn = False`` (e.g. for FLOP counting) still selects timm's unfused path.
+    Everything goes through timm's forward, i.e. ``F.scaled_dot_product_attention`` (fused kernels), except on
+    the CPU for bf16/fp16 at any length, and for fp32 up to ``PLAIN_FP32_MAX_TOKENS``: there PyTorch's fused CPU
+    kernel is slower than a plain matmul-softmax-matmul (bf16: 2-5x at 17-197 tokens; fp32: 1.2-1.4x on two
+    threads at the tiny32 shapes, 17 and 65 tokens; at 197 tokens fp32 the fused kernel wins, 86 against 179 ms;
+    benchmarks/attention_shapes.py), so those cases compute the same attention with plain ops.
+    ``fused_attn = False`` (e.g. for FLOP counting) still selects timm's unfused path.
     """
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         if (attn_mask is not None or is_causal or not self.fused_attn or x.device.type != "cpu"
-                or getattr(self, "gate", None) is not None or not _low_precision(x)):
+                or getattr(self, "gate", None) is not None
+                or not (_low_precision(x) or x.shape[1] <= PLAIN_FP32_MAX_TOKENS)):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         B, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
