@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+import yaml
+
 
 def _jsonl(path: Path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -25,11 +27,7 @@ def pretraining(run: Path) -> dict:
     lines = _jsonl(run / "metrics.jsonl")
     seconds = max(m["epoch_time_s"] for m in lines if "epoch_time_s" in m)  # since the loop started
     steps = max(m["step"] for m in lines)
-    config = {}
-    for line in (run / "config.yaml").read_text().splitlines():  # flat `key: value` lines; no YAML needed here
-        if ":" in line and not line.startswith((" ", "#")):
-            key, value = line.split(":", 1)
-            config[key.strip()] = value.split("#")[0].strip()
+    config = yaml.safe_load((run / "config.yaml").read_text())
     info = json.loads((run / "run.json").read_text())
     batch = int(config.get("batch_size", 0))
     asked = config.get("precision", "?")

@@ -18,6 +18,7 @@ from .stats import IMAGENET_MEAN, IMAGENET_STD
 MEAN, STD = IMAGENET_MEAN, IMAGENET_STD  # the RGB default; other data bring their own (mimkit.data.pixels)
 RECIPES = ("pretrain", "finetune", "eval")
 AUGS = ("rrc", "none", "fixed_crop", "rrc_jitter")
+FINETUNE_SCALE = (0.08, 1.0)  # the fine-tuning crop's area range (timm's and MAE's) where none is given
 FINETUNE_DEFAULTS = dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", re_count=1,
                          interpolation="bicubic", color_jitter=None)
 
@@ -218,7 +219,7 @@ def batched_form(recipe: str, aug: str, transform_kwargs: dict):
     if any(kw.get(k) for k in ("auto_augment", "color_jitter", "re_prob")):
         return None
     kept = {k: transform_kwargs[k] for k in ("crop_pct", "mean", "std") if k in transform_kwargs}
-    return "pretrain", "rrc", {**kept, "scale": transform_kwargs.get("scale") or (0.08, 1.0)}
+    return "pretrain", "rrc", {**kept, "scale": transform_kwargs.get("scale") or FINETUNE_SCALE}
 
 
 class TensorTransform:
@@ -242,7 +243,7 @@ class TensorTransform:
                 from timm.data.random_erasing import RandomErasing
                 self.erase = RandomErasing(kw["re_prob"], mode=kw.get("re_mode", "pixel"), max_count=kw.get("re_count", 1),
                                            device="cpu")
-            recipe, aug, scale = "pretrain", "rrc", scale or (0.08, 1.0)
+            recipe, aug, scale = "pretrain", "rrc", scale or FINETUNE_SCALE
         self.augment = BatchAugment(recipe, img_size, aug, scale=scale, crop_pct=crop_pct, mean=mean, std=std)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
