@@ -44,8 +44,6 @@ from .errors import ConfigError
 
 log = logging.getLogger("mimkit")
 EVAL_CONFIGS = {"knn": KnnConfig, "linprobe": LinprobeConfig, "finetune": FinetuneConfig}
-EVAL_FUNCTIONS = {"knn": "mimkit.eval.knn:knn", "linprobe": "mimkit.eval.linprobe:linprobe",
-                  "finetune": "mimkit.eval.finetune:finetune"}
 RUN_OPTIONS = [f.name for f, _ in option_fields(RunOptions) if f.name != "output"]
 RANDOM_INIT = "random-init"
 
@@ -130,10 +128,14 @@ def settings(run: dict) -> str:
 
 
 # one run ------------------------------------------------------------------------------------------------------
-def _call(target: str, cfg):
-    import importlib
-    module, fn = target.split(":")
-    return getattr(importlib.import_module(module), fn)(cfg)
+def run_command(name: str, cfg):
+    """Run one step a sweep drives, by name (``pretrain``, ``knn``, ``linprobe``, ``finetune``, or ``tokenizer``:
+    training BEiT's tokenizer), with its options dataclass; what ``mimkit`` would run for the same options."""
+    from .eval import finetune, knn, linprobe  # the API functions (same layer; imported on use, as they are heavy)
+    from .pretrain import pretrain
+    from .tokenizer import train_tokenizer
+    return {"pretrain": pretrain, "knn": knn, "linprobe": linprobe, "finetune": finetune,
+            "tokenizer": train_tokenizer}[name](cfg)
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -175,7 +177,7 @@ def pretrain_run(values: dict, run_dir: Path) -> dict:
         return record
     cfg = load_config(PretrainConfig, None, {**values, "output": str(run_dir), "resume": True})
     resumed = bool(list_checkpoints(run_dir))
-    result = _call("mimkit.pretrain:pretrain", cfg)
+    result = run_command("pretrain", cfg)
     ckpt = list_checkpoints(run_dir)[-1]
     state = load_checkpoint(ckpt)
     kind, arch = state["kind"], state["arch"]
@@ -207,7 +209,7 @@ def eval_run(cfg: SweepConfig, which: str, values: dict, run_dir: Path, checkpoi
     if "resume" in fields:
         opts["resume"] = True
     opts.update(getattr(cfg, which) or {})
-    return _call(EVAL_FUNCTIONS[which], load_config(cls, None, opts))
+    return run_command(which, load_config(cls, None, opts))
 
 
 def run_one(cfg: SweepConfig, run: dict, out: Path, tokenizer: Optional[str]) -> dict:
@@ -274,7 +276,7 @@ def shared_tokenizer(cfg: SweepConfig, out: Path, runs: List[dict]) -> Optional[
     opts.update(output=str(tok_dir), resume=True)
     opts.update(cfg.tokenizer)
     log.info("sweep: training the shared tokenizer in %s", tok_dir)
-    _call("mimkit.tokenizer:train_tokenizer", load_config(TokenizerConfig, None, opts))
+    run_command("tokenizer", load_config(TokenizerConfig, None, opts))
     return str(path)
 
 

@@ -136,6 +136,24 @@ def test_feature_loader_batches_and_shards():
     assert len(F.FeatureLoader(feats, labels, 64)) == 1  # a set smaller than a batch is one batch
 
 
+def test_long_frozen_passes_log_their_progress(tmp_path, pretrained, monkeypatch, caplog):
+    """k-NN's feature extraction and fine-tuning's held-out evaluation say how far they are and what is left."""
+    run, path, _ = pretrained
+    monkeypatch.setattr(F, "PROGRESS_EVERY_S", 0.0)  # a line after every batch
+    caplog.set_level("INFO", logger="mimkit")
+    from mimkit.eval.knn import knn
+    knn(load_config(KnnConfig, overrides=common(tmp_path, checkpoint=str(path), pool="mean", feature_cache="",
+                                                batch_size=16)))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("features: ")]
+    assert lines and all(" left" in m for m in lines), lines
+    counts = [tuple(map(int, m.split()[1].split("/"))) for m in lines]  # (done, total) per line
+    assert counts[0][0] == 16 and sum(d == t for d, t in counts) == 2  # the bank's pass and the queries', each whole
+    caplog.clear()
+    finetune(load_config(FinetuneConfig, overrides=common(tmp_path / "ft", checkpoint=str(path), blocks=1, epochs=1,
+                                                          max_steps=1, batch_size=16, warmup_epochs=0)))
+    assert any(r.getMessage().startswith("held-out evaluation: 16/") for r in caplog.records)
+
+
 # fine-tuning -----------------------------------------------------------------------------------------------------
 def test_layer_decay_groups():
     model = build_classifier(create_encoder(MICRO), 10, global_pool=True)

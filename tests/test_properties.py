@@ -196,9 +196,9 @@ def test_mae_forward_on_any_grid_and_ratio(g, p, r, b, seed):
 @given(n=st.integers(1, 4), h=st.integers(1, 80), w=st.integers(1, 80), seed=st.integers(0, 2**31),
        lo=st.floats(0.01, 1.0))
 def test_random_resized_crop_boxes_stay_inside_the_image(n, h, w, seed, lo):
-    from mimkit.data.transforms import _rrc_boxes
-    box = _rrc_boxes(n, h, w, (lo, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(seed))
-    top, left, bh, bw = box.unbind(1)
+    from mimkit.data.transforms import BatchAugment
+    aug = BatchAugment("pretrain", 32, "rrc", scale=(lo, 1.0))
+    top, left, bh, bw = aug.sample(n, (h, w), torch.Generator().manual_seed(seed))["box"].unbind(1)
     assert (top >= 0).all() and (left >= 0).all() and (bh >= 1).all() and (bw >= 1).all()
     assert (top + bh <= h).all() and (left + bw <= w).all()
 

@@ -181,6 +181,38 @@ def test_the_index_is_scanned_once_and_again_when_a_shard_changes(folder, tmp_pa
     assert len(scanned) == 3 + 1 + 3
 
 
+def test_remote_shards_are_indexed_once_per_version(folder, tmp_path, monkeypatch):
+    """Shards in an object store (fsspec's memory filesystem standing in for S3) are scanned once and read from the
+    cached index next time; a rewritten object (a new version) is scanned again; a store that reports no version
+    is never served from the cache."""
+    import fsspec
+    import mimkit.data.shards as S
+    out = write_shards(folder, tmp_path / "shards", shard_size=20)
+    fs = fsspec.filesystem("memory")
+    for name in sorted(os.listdir(tmp_path / "shards")):
+        fs.pipe(f"/bucket/{name}", (tmp_path / "shards" / name).read_bytes())
+    url = "memory://bucket/" + os.path.basename(out)
+    monkeypatch.setenv("MIMKIT_SHARD_INDEX_CACHE", str(tmp_path / "index"))
+    local = ShardSource(out)
+    scanned = []
+    real_scan = S.scan_shard
+    monkeypatch.setattr(S, "scan_shard", lambda u: scanned.append(u) or real_scan(u))
+    first = ShardSource(url)
+    assert len(scanned) == 3 and len(list((tmp_path / "index").iterdir())) == 3 + 3  # the local and remote shards
+    second = ShardSource(url)
+    assert len(scanned) == 3 and second.names == first.names and second.read_bytes(5) == first.read_bytes(5)
+    assert first.names == local.names and first.read_bytes(5) == local.read_bytes(5)
+    fs.pipe("/bucket/shard-000001.tar", fs.cat("/bucket/shard-000001.tar"))  # the same bytes, a new object
+    ShardSource(url)
+    assert scanned[3:] == ["memory://bucket/shard-000001.tar"]
+    real_info = type(fs).info
+    monkeypatch.setattr(type(fs), "info", lambda self, p, **kw: {k: v for k, v in real_info(self, p, **kw).items()
+                                                                 if k != "created"})
+    ShardSource(url)
+    assert len(scanned) == 4 + 3
+    fs.rm("/bucket", recursive=True)
+
+
 def test_written_in_a_seeded_random_order_held_out_as_the_folder(folder, tmp_path):
     """`mimkit shards` mixes the classes of a class-sorted folder into every shard (the reader only shuffles within
     a buffer), yet holds out the same images as the folder; --no-shuffle keeps the folder's order. Writing in

@@ -57,7 +57,7 @@ def test_bad_sweep_files_are_one_line_errors(tmp_path, over, message):
 
 
 def test_every_run_is_checked_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.setattr(S, "_call", lambda *a: pytest.fail("nothing may run"))
+    monkeypatch.setattr(S, "run_command", lambda *a: pytest.fail("nothing may run"))
     cfg = sweep_cfg(tmp_path, runs=[{"name": "ok", "objective": "mae"},
                                     {"name": "typo", "objective": "vit_mpp", "objective_args": {"tgt": "mosaic"}}])
     with pytest.raises(ConfigError, match=r"run typo: --objective-args: unknown option tgt; did you mean target\? \(objective vit_mpp\)"):
@@ -89,12 +89,12 @@ def test_a_tiny_sweep_end_to_end_resumes_and_extends(tmp_path, monkeypatch):
 
     # again: nothing is redone; with one more grid value only that run works
     called = []
-    real_call = S._call
-    monkeypatch.setattr(S, "_call", lambda target, c: called.append((target, c.output)) or real_call(target, c))
+    real_call = S.run_command
+    monkeypatch.setattr(S, "run_command", lambda name, c: called.append((name, c.output)) or real_call(name, c))
     S.sweep(cfg)
     assert called == []
     S.sweep(sweep_cfg(tmp_path, grid={"decoder_depth": [1, 2, 3]}, random_init=True))
-    assert {t for t, _ in called} == {"mimkit.pretrain:pretrain", "mimkit.eval.knn:knn"}
+    assert {t for t, _ in called} == {"pretrain", "knn"}
     assert all("decoder_depth3" in o for _, o in called)
 
     # the command line takes the file as its argument

@@ -6,7 +6,7 @@ and its order depends on how shards fall to processes and workers. We keep webda
 (``braceexpand``) and writer (:func:`write_shards`), and read with one index of the shards' members instead.
 
 The index (one pass over the tar headers when a shard is first opened: key, image member offset and size, label
-from the ``.cls`` member; kept under ``~/.cache/mimkit/shard-index`` for local shards) gives:
+from the ``.cls`` member; kept under ``~/.cache/mimkit/shard-index``, keyed by each shard's version) gives:
 
 * ``ShardSource``, an :class:`~mimkit.data.source.ImageSource` with random access (seek + read), for what reads a
   few images or reads in order: the held-out split, feature extraction, the sample check, figures;
@@ -109,20 +109,39 @@ def scan_shard(url: str):
     return [(k, ext, off, n, labels.get(k, -1)) for k, (ext, off, n) in samples.items()]
 
 
-def indexed_shard(url: str):
-    """:func:`scan_shard`, kept on disk for a local shard (keyed by its path, size and modification time, so a
-    rewritten or truncated shard is scanned again): a set of a million images is scanned once, not at every open
-    and in every process (the scan reads each member's header in Python, about 0.5 ms an image)."""
-    root = os.environ.get("MIMKIT_SHARD_INDEX_CACHE", INDEX_CACHE)
-    if "://" in url or not root:
-        return scan_shard(url)
-    path = os.path.abspath(os.path.expanduser(url))
+# what names one version of a remote object, in the order fsspec's filesystems report it (S3/GCS/Azure/HTTP, local)
+_VERSION_FIELDS = ("ETag", "etag", "md5Hash", "generation", "version_id", "LastModified", "last_modified", "mtime",
+                   "created")
+
+
+def shard_version(url: str) -> Optional[str]:
+    """What identifies this exact shard for the index cache: its path, size and modification time (local), or its
+    URL, size and the store's version field (ETag, modification time: fsspec's ``info``). None when it cannot be
+    told (no such field, or the shard cannot be stat'ed): an index cached without a version could be stale."""
     try:
-        st = os.stat(path)
-    except OSError:
-        return scan_shard(url)  # which names the problem
-    key = hashlib.sha1(f"v1|{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-    cached = os.path.join(os.path.expanduser(root), key + ".json")
+        if "://" not in url:
+            path = os.path.abspath(os.path.expanduser(url))
+            st = os.stat(path)
+            return f"v1|{path}|{st.st_size}|{st.st_mtime_ns}"
+        import fsspec
+        fs, path = fsspec.core.url_to_fs(url)
+        info = fs.info(path)
+    except (OSError, ValueError, ImportError):
+        return None
+    version = next((info[k] for k in _VERSION_FIELDS if info.get(k) not in (None, "")), None)
+    return None if version is None else f"v1|{url}|{info.get('size')}|{version}"
+
+
+def indexed_shard(url: str):
+    """:func:`scan_shard`, kept on disk keyed by :func:`shard_version` (so a rewritten or truncated shard is scanned
+    again): a set of a million images, local or in an object store, is scanned once, not at every open and in every
+    process (the scan reads each member's header in Python, about 0.5 ms an image, plus a round trip per member
+    for a remote shard)."""
+    root = os.environ.get("MIMKIT_SHARD_INDEX_CACHE", INDEX_CACHE)
+    version = shard_version(url) if root else None
+    if version is None:
+        return scan_shard(url)  # which names any problem with the shard
+    cached = os.path.join(os.path.expanduser(root), hashlib.sha1(version.encode()).hexdigest() + ".json")
     try:
         with open(cached) as f:
             return [tuple(r) for r in json.load(f)]

@@ -5,6 +5,7 @@
   under autocast);
   :func:`features_for` caches its result on disk, keyed by the weights and the images.
 * :func:`eval_data` opens ``--data`` and splits it; :func:`image_loader` wraps ``mimkit.data.make_loader``.
+* :func:`logged` passes a loader's batches through with a progress line every half minute.
 * :class:`FeatureLoader` serves cached feature tensors with the loader interface ``engine.fit`` expects.
 * :func:`topk_accuracy`, :func:`write_results` report top-1 / top-5 (in percent).
 """
@@ -13,6 +14,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -75,15 +77,38 @@ def _fresh_encoder_like(kind, arch, trained: MaskedViT) -> MaskedViT:
 
 
 # features ---------------------------------------------------------------------------------------------
-def loader_features(encoder: MaskedViT, loader, pool: str, device, precision: str = "fp32"
+PROGRESS_EVERY_S = 30.0
+
+
+def logged(loader, what: str, every_s: Optional[float] = None):
+    """The loader's batches, logging images done, speed and time left every ``every_s`` seconds (default
+    :data:`PROGRESS_EVERY_S`): a frozen pass over 45k images takes tens of minutes on a CPU and should not be
+    silent. The time counted includes what the caller does with each batch (the encoder's forward)."""
+    every_s = PROGRESS_EVERY_S if every_s is None else every_s
+    total = getattr(loader, "num_images", None)
+    done, t0 = 0, time.perf_counter()
+    last = t0
+    for batch in loader:
+        yield batch
+        done += len(batch[0])
+        now = time.perf_counter()
+        if now - last >= every_s:
+            last = now
+            rate = done / max(now - t0, 1e-9)
+            left = (f", {time.strftime('%H:%M:%S', time.gmtime(max(total - done, 0) / rate))} left"
+                    if total else "")
+            log.info("%s: %d/%s images, %.0f img/s%s", what, done, total if total else "?", rate, left)
+
+
+def loader_features(encoder: MaskedViT, loader, pool: str, device, precision: str = "fp32", what: str = "features"
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Frozen features (:func:`mimkit.features.extract_features`) of every image the loader yields:
-    (N, D) float32 and (N,) int64, both on the CPU."""
+    (N, D) float32 and (N,) int64, both on the CPU; progress is logged as ``what`` (:func:`logged`)."""
     device = torch.device(device)
     encoder.to(device)
     feats, labels = [], []
     with autocast(device, precision):
-        for images, y in loader:
+        for images, y in logged(loader, what):
             f = extract_features(encoder, images.to(device, non_blocking=True), pool)
             if pool == "mean" and not isinstance(getattr(encoder, "fc_norm", nn.Identity()), nn.Identity):
                 with torch.inference_mode():

@@ -26,7 +26,7 @@ from ..engine import effective_lr, fit, seed_everything, setup
 from .. import rundir
 from ..precision import autocast
 from ..models import MaskedViT
-from .features import eval_data, eval_pixels, eval_img_size, image_loader, load_eval_encoder, topk_accuracy, write_results
+from .features import eval_data, eval_pixels, eval_img_size, image_loader, load_eval_encoder, logged, topk_accuracy, write_results
 
 log = logging.getLogger("mimkit")
 
@@ -182,7 +182,7 @@ def evaluate(task: FinetuneTask, loader, env, precision: str = "fp32") -> dict:
     task.eval()
     scores, labels = [], []
     with torch.inference_mode(), autocast(env.device, precision):
-        for images, y in loader:
+        for images, y in logged(loader, "held-out evaluation"):
             scores.append(task.logits(images.to(env.device)).float().cpu())
             labels.append(torch.as_tensor(y).long().cpu())
     task.train(was_training)
