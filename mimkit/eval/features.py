@@ -80,11 +80,10 @@ def _fresh_encoder_like(kind, arch, trained: MaskedViT) -> MaskedViT:
 PROGRESS_EVERY_S = 30.0
 
 
-def logged(loader, what: str, every_s: Optional[float] = None):
-    """The loader's batches, logging images done, speed and time left every ``every_s`` seconds (default
-    :data:`PROGRESS_EVERY_S`): a frozen pass over 45k images takes tens of minutes on a CPU and should not be
-    silent. The time counted includes what the caller does with each batch (the encoder's forward)."""
-    every_s = PROGRESS_EVERY_S if every_s is None else every_s
+def logged(loader, what: str):
+    """The loader's batches, logging images done, speed and time left every :data:`PROGRESS_EVERY_S` seconds: a
+    frozen pass over 45k images takes tens of minutes on a CPU and should not be silent. The time counted includes
+    what the caller does with each batch (the encoder's forward)."""
     total = getattr(loader, "num_images", None)
     done, t0 = 0, time.perf_counter()
     last = t0
@@ -92,7 +91,7 @@ def logged(loader, what: str, every_s: Optional[float] = None):
         yield batch
         done += len(batch[0])
         now = time.perf_counter()
-        if now - last >= every_s:
+        if now - last >= PROGRESS_EVERY_S:
             last = now
             rate = done / max(now - t0, 1e-9)
             left = (f", {time.strftime('%H:%M:%S', time.gmtime(max(total - done, 0) / rate))} left"
@@ -100,15 +99,15 @@ def logged(loader, what: str, every_s: Optional[float] = None):
             log.info("%s: %d/%s images, %.0f img/s%s", what, done, total if total else "?", rate, left)
 
 
-def loader_features(encoder: MaskedViT, loader, pool: str, device, precision: str = "fp32", what: str = "features"
+def loader_features(encoder: MaskedViT, loader, pool: str, device, precision: str = "fp32"
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Frozen features (:func:`mimkit.features.extract_features`) of every image the loader yields:
-    (N, D) float32 and (N,) int64, both on the CPU; progress is logged as ``what`` (:func:`logged`)."""
+    (N, D) float32 and (N,) int64, both on the CPU; progress is logged as ``features`` (:func:`logged`)."""
     device = torch.device(device)
     encoder.to(device)
     feats, labels = [], []
     with autocast(device, precision):
-        for images, y in logged(loader, what):
+        for images, y in logged(loader, "features"):
             f = extract_features(encoder, images.to(device, non_blocking=True), pool)
             if pool == "mean" and not isinstance(getattr(encoder, "fc_norm", nn.Identity()), nn.Identity):
                 with torch.inference_mode():
