@@ -29,7 +29,7 @@ from timm.scheduler import CosineLRScheduler
 
 from .checkpoints.io import check_state_dict, load_latest, prune_checkpoints, save_checkpoint
 from .errors import ConfigError, DivergedError, Preempted
-from .precision import autocast, resolve as resolve_precision
+from .precision import autocast, device_choice, resolve as resolve_precision
 from .rundir import run_id as read_run_id
 from .trackers import open_tracker
 
@@ -88,8 +88,9 @@ def setup(cfg) -> Env:
         raise ConfigError("--precision fp16 needs a GPU (on the CPU use bf16)")
     precision, why = resolve_precision(cfg.precision, device)
     note = f"--precision auto: {precision} ({why})" if cfg.precision == "auto" else ""
-    if precision == "bf16" and cfg.precision == "bf16" and resolve_precision("auto", device)[0] != "bf16":
-        note = f"--precision bf16 on {device}: {resolve_precision('auto', device)[1]}"
+    native, native_why = device_choice(device)
+    if precision == "bf16" and native != "bf16":
+        note = f"{note + '; ' if note else ''}bf16 on {device}: {native_why}"
     return Env(device, rank, world, precision, note)
 
 

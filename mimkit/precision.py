@@ -1,20 +1,37 @@
 """Numeric precision: the one autocast helper every training, evaluation and benchmark path uses, and the rule
 that turns ``--precision auto`` into a concrete choice."""
+import os
 from contextlib import nullcontext
 from typing import Tuple
 
 import torch
 
+from .errors import ConfigError
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# What 'auto' means, set by the environment instead of the device: the same suite and the same runs can then be
+# had under either choice on any machine (a test run under both, a cluster that pins one). Unset: the device decides.
+AUTO_ENV = "MIMKIT_AUTO_PRECISION"
 
 
 def resolve(precision: str, device) -> Tuple[str, str]:
-    """``(chosen, why)``: 'auto' becomes bf16 where ``device`` runs it natively (a GPU with bf16, a CPU with
-    AVX512-BF16 or AMX), else fp32; fp16 is never chosen automatically (it needs loss scaling and overflows where
-    bf16 does not), it stays opt-in on GPUs. An explicit choice is returned as given."""
+    """``(chosen, why)``: 'auto' becomes what ``MIMKIT_AUTO_PRECISION`` pins, else the device's rule
+    (:func:`device_choice`). An explicit choice is returned as given."""
     if precision != "auto":
         return precision, "as asked"
+    pinned = os.environ.get(AUTO_ENV, "").strip()
+    if pinned:
+        if pinned not in ("fp32", "bf16"):
+            raise ConfigError(f"{AUTO_ENV}={pinned!r}: 'auto' can be pinned to fp32 or bf16")
+        return pinned, f"{AUTO_ENV}={pinned} in the environment"
+    return device_choice(device)
+
+
+def device_choice(device) -> Tuple[str, str]:
+    """``(chosen, why)``: bf16 where ``device`` runs it natively (a GPU with bf16, a CPU with AVX512-BF16 or AMX),
+    else fp32; fp16 is never chosen automatically (it needs loss scaling and overflows where bf16 does not), it
+    stays opt-in on GPUs."""
     device = torch.device(device) if isinstance(device, str) else device
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():

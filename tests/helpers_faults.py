@@ -12,6 +12,7 @@
 import dataclasses
 import io
 import os
+import random
 import shutil
 import signal
 import socket
@@ -66,10 +67,30 @@ def child_env(**extra) -> dict:
     return env
 
 
+_PORTS_GIVEN = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a torchrun store. Binding port 0 and releasing it races: the kernel hands the same ephemeral port
+    to the next bind anywhere on the machine (the other pytest worker's, gloo's own connections) before torchrun
+    binds it. So each pytest-xdist worker draws from its own block below the ephemeral range (32768+ on Linux),
+    never twice in one process, and checks the port binds now."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    low = 20000 + 1000 * (index % 12)
+    rng = random.Random(os.getpid())
+    for _ in range(200):
+        port = rng.randrange(low, low + 1000)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}..{low + 999}")
 
 
 class SyntheticLoader:

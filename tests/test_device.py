@@ -19,6 +19,7 @@ def fake_gpus(monkeypatch, count: int, local_rank: int):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Fake GPU")
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
     monkeypatch.setenv("WORLD_SIZE", "1")  # no process group: only the device choice is under test
+    monkeypatch.delenv("MIMKIT_AUTO_PRECISION", raising=False)  # the device, not the environment, decides 'auto'
     return chosen
 
 
