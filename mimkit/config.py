@@ -217,7 +217,7 @@ class ReconstructConfig(RunOptions):
                      "(e.g. 4,3,2; default the first three); one channel is shown grey")
     masking: str = opt("random", "which patches are hidden: MAE's random sampling, BEiT's blocks or MAE's grid "
                        "(one patch kept per cell; --mask-ratio picks the cell); each image's mask follows from "
-                       "--seed and its name", ["random", "block", "grid"])
+                       "--seed and its file name", ["random", "block", "grid"])
     target: str = opt("auto", "what the decoder predicts: as recorded in the checkpoint (official files: normalised "
                       "pixels), or force normalised/raw (the official mae_visualize weights: raw)",
                       ["auto", "normalised", "raw"])

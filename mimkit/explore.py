@@ -24,10 +24,10 @@ import ipaddress
 import logging
 import os
 import socket
-import sys
 import threading
 import uuid
 from collections import OrderedDict
+from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import List, Optional
@@ -151,6 +151,13 @@ class Explorer:
         self.allowed_set = set(self.allowed)
         self.uploads = OrderedDict()
         self.lock = threading.Lock()  # one computation at a time: the CPU's threads go to it
+        self.stopping, self.builders = threading.Event(), []
+
+    def close(self):
+        """Stop index builds (at their next batch) and wait for them: no thread left in torch at exit."""
+        self.stopping.set()
+        for t in self.builders:
+            t.join()
 
     def _inside(self, name: str) -> bool:
         real = os.path.realpath(os.path.join(self.root, name))
@@ -196,8 +203,7 @@ class Explorer:
         from .data.source import BytesSource
         name = Path(filename.replace("\\", "/")).name or "upload"
         if len(data) > self.max_upload_bytes:
-            raise BadImage(name, f"is {len(data) / 2**20:.1f} MiB, more than the limit of "
-                                 f"{self.max_upload_bytes / 2**20:.0f} MiB")
+            raise BadImage(name, f"is over {self.max_upload_bytes:,} bytes, the limit (--max-upload-mb)")
         check_upload_size(data, name, self.max_pixels)
         src = BytesSource(name, data)
         for m in self.models:  # decoded once per way in: the checkpoints may read files differently
@@ -304,6 +310,8 @@ class Explorer:
             m.index_state.update(state="building", done=0, total=len(self.allowed))
 
         def progress(done, total):
+            if self.stopping.is_set():
+                raise InterruptedError("the server is stopping")
             m.index_state.update(done=done, total=total)
 
         def build():
@@ -311,11 +319,14 @@ class Explorer:
                 m.index = views.FeatureIndex.build(m.encoder, self.source, self.allowed, pool, self.index_batch,
                                                    progress)
                 m.index_state["state"] = "ready"
+            except InterruptedError:
+                m.index_state.update(state="none")
             except Exception as e:  # shown on the page; the server keeps serving
                 m.index_state.update(state="error", error=str(e))
                 log.exception("building the neighbour index of %s failed", m.label)
 
-        threading.Thread(target=build, daemon=True, name=f"index-{m.label}").start()
+        self.builders.append(threading.Thread(target=build, name=f"index-{m.label}"))
+        self.builders[-1].start()
 
     def use_index(self, path: str):
         """A ``mimkit embed`` output as the index of the checkpoint it was made from (checked)."""
@@ -342,7 +353,13 @@ def create_app(explorer: Explorer):
     from fastapi import FastAPI, File, Request, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-    app = FastAPI(title="mimkit explore", docs_url=None, redoc_url=None, openapi_url=None)  # no CDN-backed docs
+    @asynccontextmanager
+    async def lifespan(_):
+        yield
+        explorer.close()
+
+    # no /docs: FastAPI's interactive docs load their scripts from a CDN
+    app = FastAPI(title="mimkit explore", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     page = resources.files("mimkit").joinpath("static/explore.html").read_text()
 
     @app.exception_handler(Refused)

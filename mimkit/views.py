@@ -5,9 +5,10 @@ The one home of these computations: ``mimkit reconstruct``, ``mimkit viz attenti
 ``mimkit explore`` page all call them, so a figure and the page show the same numbers.
 
 Masks depend only on (seed, image key), never on an image's place in a batch: each image draws its own noise from
-a generator seeded by the seed and its key (the file's name inside its folder, or its position when images come
-without names). So ``mimkit reconstruct --images photo.jpg`` and the page's upload of ``photo.jpg`` hide the same
-patches and report the same loss.
+a generator seeded by the seed and its key (the file's own name, or its position when images come without names).
+So ``mimkit reconstruct --images photo.jpg``, the same file inside a folder, and the page's upload of ``photo.jpg``
+hide the same patches and report the same loss. (Files of one name in different folders, cat/0001.jpg and
+dog/0001.jpg, share a mask pattern; a mask never depends on the pixels, so scores stay unbiased.)
 """
 import hashlib
 import json
@@ -30,9 +31,11 @@ POOLS = ("cls", "mean")  # image features the neighbour index holds (one vector 
 
 # masks ------------------------------------------------------------------------------------------------------
 def key_seed(seed: int, key) -> int:
-    """The generator seed of one image: its key is its name (str) or its position (int)."""
+    """The generator seed of one image: its key is its file name (str; the last part of a path, so a file seeds
+    the same mask inside its folder, alone or uploaded) or its position (int)."""
     if isinstance(key, str):
-        key = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+        key = int.from_bytes(hashlib.blake2b(key.replace("\\", "/").rsplit("/", 1)[-1].encode(),
+                                             digest_size=8).digest(), "little") >> 1
     return mix_seed(seed, int(key))
 
 
