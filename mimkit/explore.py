@@ -149,7 +149,7 @@ class Explorer:
         self.allowed = [i for i, n in enumerate(self.source.names) if self.root is None or self._inside(n)]
         self.where = {self.source.names[i]: i for i in self.allowed}
         self.allowed_set = set(self.allowed)
-        self.uploads = OrderedDict()
+        self.uploads, self.prepared = OrderedDict(), OrderedDict()
         self.lock = threading.Lock()  # one computation at a time: the CPU's threads go to it
         self.stopping, self.builders = threading.Event(), []
 
@@ -192,11 +192,18 @@ class Explorer:
         return self.source, i, self.source.names[i]
 
     def inputs(self, model: Model, ref: dict) -> torch.Tensor:
+        """The image as the model's input; the last few are kept, since a slider move does not change it."""
         src, i, _ = self.image(ref)
-        batches = list(views.load_images(src, [i], model.size, model.pixels, 1))
-        if not batches:
-            raise DataError(f"{src.names[i]}: cannot be read as an image for this checkpoint")
-        return batches[0][0]
+        key = (id(model), f"upload:{ref['upload']}" if "upload" in ref else i)  # models live as long as the server
+        if key not in self.prepared:
+            batches = list(views.load_images(src, [i], model.size, model.pixels, 1))
+            if not batches:
+                raise DataError(f"{src.names[i]}: cannot be read as an image for this checkpoint")
+            self.prepared[key] = batches[0][0]
+            while len(self.prepared) > 4 * len(self.models) + MAX_UPLOADS:
+                self.prepared.popitem(last=False)
+        self.prepared.move_to_end(key)
+        return self.prepared[key]
 
     def upload(self, filename: str, data: bytes) -> dict:
         from .data import decode_image, load_input

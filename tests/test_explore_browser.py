@@ -44,7 +44,7 @@ def loopback(url: str) -> bool:
 def server(tmp_path):
     torch.set_num_threads(1)
     run = Path(os.environ.get("MIMKIT_EXPLORE_CHECKPOINT") or make_run(tmp_path / "run"))
-    data = make_folder(tmp_path / "data", per_class=8)
+    data = make_folder(tmp_path / "data", per_class=40 if os.environ.get("MIMKIT_EXPLORE_SCREENSHOT") else 8)
     proc = subprocess.Popen([sys.executable, "-m", "mimkit.cli", "explore", "--checkpoint", str(run), "--data",
                              str(data), "--port", "0", "--threads", "1"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -129,7 +129,9 @@ def test_page_in_chromium(server, tmp_path):
         assert page.locator("#orig-0").get_attribute("src") != original
         shot = os.environ.get("MIMKIT_EXPLORE_SCREENSHOT")
         if shot:
-            page.locator("#list figure").nth(9).click()  # a ship, for the README
+            page.locator("#search").fill("ship/")
+            page.wait_for_function("document.querySelector('#count').textContent.startsWith('40 ')", timeout=20_000)
+            page.locator("#list figure").nth(5).click()
             page.wait_for_function("document.querySelectorAll('#nn-0 img').length === 8", timeout=20_000)
             page.wait_for_timeout(1000)
             page.screenshot(path=shot)
