@@ -227,3 +227,59 @@ def test_unreadable_checkpoint_is_one_line_at_start(tmp_path, capsys):
 def test_only_the_loopback_is_quiet():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
+
+
+def test_sources_other_than_a_folder_are_served_by_index(setup, tmp_path):
+    import tarfile
+    _, run, data, _, _ = setup
+    archive = tmp_path / "images.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(data / "ship", arcname="ship")
+    explorer = Explorer(load_models(str(run)), str(archive))
+    with TestClient(create_app(explorer)) as client:
+        listed = client.get("/api/images").json()
+        assert not listed["by_name"] and listed["total"] == 6
+        i = listed["images"][2]["index"]
+        out = client.post("/api/reconstruct", json={"image": {"index": i}, "ratio": 0.75}).json()
+        # the archive's one top folder is its root: ship/0002.jpg is 0002.jpg; the file itself gives the same loss
+        assert out["loss"] == cli_loss(run, data / "ship" / listed["images"][2]["name"], tmp_path / "r", 0.75)
+        assert client.get("/api/file", params={"name": "../x"}).status_code == 403
+
+
+def test_two_checkpoints_side_by_side_one_without_a_decoder(setup, tmp_path):
+    _, run, data, _, _ = setup
+    assert cli("export", run, "--to", "timm", tmp_path / "enc.safetensors") == 0
+    explorer = Explorer(load_models(f"{run},{tmp_path / 'enc.safetensors'}"), str(data))
+    with TestClient(create_app(explorer)) as client:
+        models = client.get("/api/info").json()["models"]
+        assert [m["reconstructs"] for m in models] == [True, False]
+        ref = {"name": "cat/0001.jpg"}
+        r = client.post("/api/reconstruct", json={"image": ref, "model": 1})
+        assert r.status_code == 400 and "no decoder" in r.json()["error"]
+        # the same encoder weights: the same attention and features under both
+        a, b = (client.post("/api/attention", json={"image": ref, "model": k}).json()["weights"] for k in (0, 1))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        assert client.post("/api/pca", json={"image": ref, "model": 1}).status_code == 200
+        assert client.post("/api/attention", json={"image": ref, "model": 2}).status_code == 404
+
+
+def test_multi_band_images_through_bands(tmp_path):
+    import tifffile
+    rng = np.random.default_rng(0)
+    data = tmp_path / "bands"
+    for k in range(24):
+        (data / "ab"[k % 2]).mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(data / "ab"[k % 2] / f"{k:02d}.tif", rng.integers(0, 4096, (32, 32, 4)).astype(np.uint16))
+    run = make_run(tmp_path / "run", data=data, steps=2)
+    scene = tmp_path / "scene.tif"
+    tifffile.imwrite(scene, rng.integers(0, 4096, (40, 36, 4)).astype(np.uint16))
+    explorer = Explorer(load_models(str(run)), str(data), bands=[4, 3, 2])
+    with TestClient(create_app(explorer)) as client:
+        assert client.get("/api/info").json()["models"][0]["in_chans"] == 4
+        up = client.post("/api/upload", files={"file": ("scene.tif", scene.read_bytes(), "image/tiff")}).json()
+        out = client.post("/api/reconstruct", json={"image": {"upload": up["upload"]}, "ratio": 0.6}).json()
+        assert out["loss"] == cli_loss(run, scene, tmp_path / "rec", 0.6)
+        rgb = client.post("/api/upload", files={"file": ("photo.png", png_bytes(), "image/png")})
+        assert rgb.status_code == 400 and "photo.png" in rgb.json()["error"]  # 3 channels for a 4-band model
+    with pytest.raises(Exception, match="--bands"):
+        Explorer(load_models(str(run)), str(data), bands=[5, 3, 2])
