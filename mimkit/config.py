@@ -313,8 +313,8 @@ class VizConfig:
 class ExploreConfig:
     checkpoint: str = opt("", "checkpoint(s) shown side by side, comma-separated (any format mimkit reads; a run "
                           "folder: its last checkpoint)", positional=True)
-    data: str = opt("builtin", "images to pick from: a folder (served by name, nothing outside it), or, by index, "
-                    "an archive, file list, tar shards, 'hfds:DIR' or 'builtin'")
+    data: str = opt("builtin", "images to pick from: a folder or 'builtin' (served by name, nothing outside it), or, "
+                    "by index, an archive, file list, tar shards or 'hfds:DIR'")
     host: str = opt("127.0.0.1", "address to listen on; another than the loopback lets anyone who reaches it see "
                     "--data and upload files (warned)")
     port: int = opt(8765, "port (0: a free one; the address is printed)")

@@ -21,6 +21,7 @@ and pixel count before they are decoded, and a file that cannot be used is a mes
 import base64
 import io
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -338,7 +339,6 @@ class Explorer:
     def use_index(self, path: str):
         """A ``mimkit embed`` output as the index of the checkpoint it was made from (checked)."""
         from .features import checkpoint_id
-        import json
         meta = Path(path).with_suffix(".json")
         made_from = json.loads(meta.read_text()).get("checkpoint") if meta.is_file() else None
         for m in self.models:

@@ -12,7 +12,6 @@ dog/0001.jpg, share a mask pattern; a mask never depends on the pixels, so score
 """
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -310,7 +309,3 @@ class FeatureIndex:
 def grid_of(encoder, images: torch.Tensor):
     return images.shape[-2] // encoder.patch_size, images.shape[-1] // encoder.patch_size
 
-
-def finite(x: float) -> Optional[float]:
-    """JSON has no NaN: None instead."""
-    return x if math.isfinite(x) else None

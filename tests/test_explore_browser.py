@@ -11,7 +11,6 @@ checkpoint: MIMKIT_EXPLORE_CHECKPOINT=RUN).
 import ipaddress
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
