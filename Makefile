@@ -7,6 +7,11 @@ DEMO := runs/demo
 
 install:
 	$(PIP) install -q -e ".[dev]"
+	@# the browser test (tests/test_explore_browser.py) drives Debian's Chromium through Playwright
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "make install: no chromium for the browser test; install it: sudo apt-get install -y chromium"; fi
 
 # The demo's score is the held-out reconstruction error against the flat-patch reference, with its standard error
 # over the 100 held-out images. No k-NN here: on 100 images its standard error is ~4.5 points, more than two minutes

@@ -16,6 +16,10 @@ COMMANDS = {
     "export": (C.ExportConfig, "mimkit.checkpoints.export:export_command",
                "write weights as timm, Hugging Face ViTMAE or official MAE checkpoints"),
     "embed": (C.EmbedConfig, "mimkit.features:embed_command", "features of a folder of images, to a .npy file"),
+    "viz": (C.VizConfig, "mimkit.viz:viz", "figures of what an encoder learned: attention, pca or neighbours "
+            "(PNG, numbers in JSON beside)"),
+    "explore": (C.ExploreConfig, "mimkit.explore:explore",
+                "a local web page: reconstructions, attention, features and neighbours of checkpoints side by side"),
     "tokenizer": (C.TokenizerConfig, "mimkit.tokenizer:tokenizer_command",
                   "train a discrete visual tokenizer (VQ-VAE) for BEiT: mimkit tokenizer train"),
     "sweep": (C.SweepConfig, "mimkit.sweep:sweep", "pretrain and evaluate a grid or list of runs; a table and plots"),

@@ -215,6 +215,9 @@ class ReconstructConfig(RunOptions):
                               "pretrain's --val-fraction (0: score the shown images)")
     bands: str = opt("", "for images of more than 3 channels: the three shown as red,green,blue, 1-based "
                      "(e.g. 4,3,2; default the first three); one channel is shown grey")
+    masking: str = opt("random", "which patches are hidden: MAE's random sampling, BEiT's blocks or MAE's grid "
+                       "(one patch kept per cell; --mask-ratio picks the cell); each image's mask follows from "
+                       "--seed and its file name", ["random", "block", "grid"])
     target: str = opt("auto", "what the decoder predicts: as recorded in the checkpoint (official files: normalised "
                       "pixels), or force normalised/raw (the official mae_visualize weights: raw)",
                       ["auto", "normalised", "raw"])
@@ -272,6 +275,69 @@ class EmbedConfig:
         check_positive(self, "batch_size")
         if self.img_size < 0:
             raise ConfigError(f"--img-size must be >= 0, got {self.img_size}")
+
+
+@dataclass
+class VizConfig:
+    action: str = opt("attention", "which figure: attention (the class token's, per head, in --block), pca (the "
+                      "first three principal components of the patch features as RGB) or neighbours (the nearest "
+                      "images of --images in feature space)", ["attention", "pca", "neighbours"], positional=True)
+    checkpoint: str = opt("", "any checkpoint mimkit reads (an MAE, another objective's run, an encoder)")
+    images: str = opt("builtin", "image folder, archive, file list, a single image file or 'builtin'")
+    output: str = opt("runs/viz", "folder of the figure (ACTION.png, a row per image) and its numbers (ACTION.json)")
+    num_images: int = opt(8, "how many images (spread over the classes of --images, seeded by --seed)")
+    seed: int = opt(0, "which images are shown")
+    block: int = opt(-1, "attention: the block, 0-based (-1: the last)")
+    pca_fit: str = opt("image", "pca: components fitted on each image alone, or on a sample of --images (one colour "
+                       "scale for all)", ["image", "sample"])
+    pca_images: int = opt(64, "pca --pca-fit sample: images in the sample")
+    pool: str = opt("cls", "neighbours: the image feature (class token or mean of patch tokens)", ["cls", "mean"])
+    k: int = opt(8, "neighbours: how many per image")
+    index: str = opt("", "neighbours: features `mimkit embed` wrote (OUT.npy) instead of computing them; refused "
+                     "when made from another checkpoint, image size or pooling")
+    bands: str = opt("", "for images of more than 3 channels: the three shown as red,green,blue, 1-based")
+    threads: int = opt(0, "CPU threads for torch (0: torch's default)")
+
+    def validate(self):
+        if not self.checkpoint:
+            raise ConfigError("--checkpoint is required")
+        check_file(self.checkpoint, "--checkpoint")
+        if self.index:
+            check_file(self.index, "--index")
+        check_positive(self, "num_images", "k", "pca_images")
+        if self.bands and not re.fullmatch(r"\d+,\d+,\d+", self.bands.replace(" ", "")):
+            raise ConfigError(f"--bands must be three channel numbers like 4,3,2; got {self.bands!r}")
+
+
+@dataclass
+class ExploreConfig:
+    checkpoint: str = opt("", "checkpoint(s) shown side by side, comma-separated (any format mimkit reads; a run "
+                          "folder: its last checkpoint)", positional=True)
+    data: str = opt("builtin", "images to pick from: a folder or 'builtin' (served by name, nothing outside it), or, "
+                    "by index, an archive, file list, tar shards or 'hfds:DIR'")
+    host: str = opt("127.0.0.1", "address to listen on; another than the loopback lets anyone who reaches it see "
+                    "--data and upload files (warned)")
+    port: int = opt(8765, "port (0: a free one; the address is printed)")
+    index: str = opt("", "neighbours: `mimkit embed` outputs (OUT.npy), comma-separated, each used for the checkpoint "
+                     "it was made from (checked); without one the index is built when first asked for")
+    bands: str = opt("", "for images of more than 3 channels: the three shown as red,green,blue, 1-based")
+    max_pixels: int = opt(50_000_000, "uploads with more pixels are refused (read from the header, before decoding)")
+    max_upload_mb: float = opt(64.0, "uploads larger than this are refused")
+    pca_images: int = opt(64, "PCA fitted on a sample: images of --data in the sample")
+    threads: int = opt(0, "CPU threads for torch (0: torch's default)")
+
+    def validate(self):
+        if not self.checkpoint:
+            raise ConfigError("CHECKPOINT is required: mimkit explore --checkpoint RUN[,RUN2] [--data DIR]")
+        for path in self.checkpoint.split(","):
+            check_file(path.strip(), "--checkpoint")
+        for path in filter(None, (p.strip() for p in self.index.split(","))):
+            check_file(path, "--index")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in 0..65535, got {self.port}")
+        check_positive(self, "max_pixels", "max_upload_mb", "pca_images")
+        if self.bands and not re.fullmatch(r"\d+,\d+,\d+", self.bands.replace(" ", "")):
+            raise ConfigError(f"--bands must be three channel numbers like 4,3,2; got {self.bands!r}")
 
 
 @dataclass

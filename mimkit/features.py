@@ -8,9 +8,11 @@
 ``pool``: ``'cls'`` (the class token, (B, D)), ``'mean'`` (mean of the patch tokens, (B, D)) or ``'all'`` (every
 token after the final norm, (B, 1 + L, D)). Any H, W divisible by the patch size works: position embeddings
 are interpolated when the size differs from the checkpoint's. :func:`embed` (``mimkit embed``) does the same
-for a folder of images and writes ``OUT.npy`` with the image names in ``OUT.txt``.
+for a folder of images and writes ``OUT.npy`` with the image names in ``OUT.txt`` and how they were made
+(checkpoint, pooling, image size) in ``OUT.json``.
 """
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .files import write_text, write_via
+from .files import write_json, write_text, write_via
 from .models import MaskedAutoencoder
 
 log = logging.getLogger("mimkit")
@@ -96,9 +98,17 @@ def embed(checkpoint, images, out, *, pool: str = "cls", img_size: int = 0, batc
     write_via(out, lambda f: np.save(f, array))
     names_file = out.with_suffix(".txt")
     write_text(names_file, "".join(source.names[i] + "\n" for i in index))
+    # how the features were made, checked by whoever reads them as an index (mimkit explore, mimkit viz neighbours)
+    write_json(out.with_suffix(".json"), {"checkpoint": checkpoint_id(checkpoint), "pool": pool, "img_size": size,
+                                          "images": str(images), "shape": list(array.shape)})
     log.info("wrote %s features %s of %d images (%s, %d px) to %s, names in %s", pool, tuple(array.shape), len(index),
              checkpoint, size, out, names_file)
     return {"features": str(out), "names": str(names_file), "shape": tuple(array.shape)}
+
+
+def checkpoint_id(path) -> str:
+    """How features record the checkpoint they came from: the real path of what was given (file or run folder)."""
+    return os.path.realpath(str(path))
 
 
 def embed_command(cfg) -> dict:

@@ -6,52 +6,21 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from .data import PixelSpec
+from . import views
 from .errors import ConfigError
-from .files import write_via
+from .files import write_json, write_via
 
 log = logging.getLogger("mimkit")
 
 
-def _to_pixels(x: torch.Tensor, spec: PixelSpec, bands=None) -> torch.Tensor:
-    """Normalised (B, C, H, W) -> displayable (B, 3, H, W) in [0, 1]: one channel as grey, three as RGB, more as
-    the false colour of ``bands`` (1-based, as remote sensing names them; default the first three)."""
-    mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
-    x = (x.float() * std + mean).clamp(0, 1)
-    if x.shape[1] == 1:
-        return x.expand(-1, 3, -1, -1)
-    return x[:, [b - 1 for b in (bands or (1, 2, 3))]]
-
-
-def check_bands(bands, in_chans: int):
-    if bands and (len(bands) != 3 or not all(1 <= b <= in_chans for b in bands)):
-        raise ConfigError(f"--bands needs three channel numbers in 1..{in_chans}, got {','.join(map(str, bands))}")
-
-
 @torch.no_grad()
-def reconstruction_panels(mae, images: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0,
-                          bands=None) -> torch.Tensor:
+def reconstruction_panels(mae, images: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0, bands=None,
+                          keys=None, kind: str = "random") -> torch.Tensor:
     """(B, 4, 3, H, W) in [0, 1]: original, masked input (hidden patches grey), reconstruction, pasted; N-channel
-    images shown as the false colour of ``bands`` (see :func:`_to_pixels`)."""
-    gen = torch.Generator().manual_seed(seed)
-    gh, gw = images.shape[-2] // mae.patch_size, images.shape[-1] // mae.patch_size
-    noise = torch.rand(images.shape[0], gh * gw, generator=gen).to(images.device)
-    recon, mask = mae.reconstruct(images, mask_ratio=mask_ratio, noise=noise)
-    p = mae.patch_size
-    pixel_mask = mask.reshape(-1, 1, gh, gw).repeat_interleave(p, 2).repeat_interleave(p, 3)  # 1 = hidden
-    spec = PixelSpec.from_dict(mae.encoder.arch.get("pixels"), mae.encoder.in_chans)
-    check_bands(bands, spec.in_chans)
-    original, recon = _to_pixels(images, spec, bands), _to_pixels(recon, spec, bands)
-    if not spec.is_rgb8:  # e.g. 12-bit data in a 16-bit range: stretch for display, the 1st-99th percentile of
-        # the originals' values per shown channel to black-white, the same for every panel
-        q = torch.quantile(original.transpose(0, 1).flatten(1).float(), torch.tensor([0.01, 0.99], device=images.device), dim=1)
-        lo, hi = q[0].view(1, -1, 1, 1), q[1].view(1, -1, 1, 1)
-        span = (hi - lo).clamp_min(1e-6)
-        original, recon = ((original - lo) / span).clamp(0, 1), ((recon - lo) / span).clamp(0, 1)
-    masked = original * (1 - pixel_mask) + 0.5 * pixel_mask
-    pasted = original * (1 - pixel_mask) + recon * pixel_mask
-    return torch.stack([original, masked, recon, pasted], dim=1)
+    images shown as the false colour of ``bands``. Each image's mask comes from (seed, its key): ``keys`` are the
+    images' names, or their positions when None (:mod:`mimkit.views`)."""
+    keys = list(range(len(images))) if keys is None else keys
+    return views.reconstruction(mae, images, keys, mask_ratio, seed, kind, bands)["panels"]
 
 
 def _upscale(x: torch.Tensor, min_px: int = 128) -> torch.Tensor:
@@ -60,34 +29,37 @@ def _upscale(x: torch.Tensor, min_px: int = 128) -> torch.Tensor:
 
 
 def reconstruction_grid(mae, images: torch.Tensor, path, mask_ratio: float = 0.75, seed: int = 0,
-                        bands=None) -> Path:
+                        bands=None, keys=None, kind: str = "random") -> Path:
     """One PNG, a row per image; small images are enlarged (nearest) so patches stay visible."""
-    panels = reconstruction_panels(mae, images, mask_ratio, seed, bands)
+    panels = reconstruction_panels(mae, images, mask_ratio, seed, bands, keys, kind)
+    return save_rows(panels, path)
+
+
+def save_rows(rows: torch.Tensor, path) -> Path:
+    """(B, K, 3, H, W) figures in [0, 1] as one PNG grid, a row per image, K columns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid = make_grid(_upscale(panels.flatten(0, 1).cpu()), nrow=4, padding=2, pad_value=1.0)
+    grid = make_grid(_upscale(rows.flatten(0, 1).cpu()), nrow=rows.shape[1], padding=2, pad_value=1.0)
     write_via(path, lambda f: save_image(grid, f, format="png"))
     return path
 
 
 @torch.no_grad()
-def masked_mse(mae, batches, mask_ratio: float = 0.75, seed: int = 0) -> dict:
+def masked_mse(mae, batches, mask_ratio: float = 0.75, seed: int = 0, kind: str = "random") -> dict:
     """The MAE loss (MSE on the hidden patches, in the decoder's target space) over image ``batches`` (an iterable
-    of (B, 3, H, W) tensors, or one tensor) with seeded masks, beside the same error of predicting zeros: for
-    normalised targets, each hidden patch's own mean colour. Masks depend only on the seed and image order.
-    ``gain`` is how much lower the model's error is, with its standard error over the images (paired: the same
-    images and masks), the noise a comparison must beat."""
+    of (B, C, H, W) tensors or of (tensor, keys) pairs, or one tensor) with seeded masks, beside the same error of
+    predicting zeros: for normalised targets, each hidden patch's own mean colour. Each image's mask depends only
+    on the seed and its key (its name; its position in the stream when the batches come without keys), never on
+    the batching. ``gain`` is how much lower the model's error is, with its standard error over the images
+    (paired: the same images and masks), the noise a comparison must beat."""
     if torch.is_tensor(batches):
         batches = [batches]
-    gen = torch.Generator().manual_seed(seed)
     model, zeros = [], []  # per image
-    for x in batches:
-        gh, gw = x.shape[-2] // mae.patch_size, x.shape[-1] // mae.patch_size
-        out = mae(x, mask_ratio=mask_ratio, noise=torch.rand(x.shape[0], gh * gw, generator=gen).to(x.device))
-        for j in range(x.shape[0]):  # every image hides the same number of patches: the batch loss is their mean
-            one = slice(j, j + 1)
-            model.append(mae.forward_loss(x[one], out.pred[one], out.mask[one]).item())
-            zeros.append(mae.forward_loss(x[one], torch.zeros_like(out.pred[one]), out.mask[one]).item())
+    for batch in batches:
+        x, keys = batch if isinstance(batch, (tuple, list)) else (batch, range(len(model), len(model) + len(batch)))
+        out = views.reconstruction(mae, x, list(keys), mask_ratio, seed, kind)
+        model += out["loss"].tolist()
+        zeros += out["zero_loss"].tolist()
     model, zeros = torch.tensor(model, dtype=torch.float64), torch.tensor(zeros, dtype=torch.float64)
     return {"masked_mse": model.mean().item(), "masked_mse_se": _standard_error(model),
             "zero_prediction_mse": zeros.mean().item(), "zero_prediction_se": _standard_error(zeros),
@@ -105,8 +77,7 @@ def reconstruct(cfg) -> list:
     held-out ones with val_fraction."""
     from .checkpoints import load_mae
     from .errors import DataError
-    from .files import write_json
-    from .data import make_loader, open_images, split_train_val, spread_over_classes
+    from .data import open_images, split_train_val, spread_over_classes
     norm_pix = {"auto": None, "normalised": True, "raw": False}[cfg.target]
     source = open_images(cfg.images)  # the images first: a bad --images fails before the weights are read
     if cfg.val_fraction > 0:
@@ -119,33 +90,32 @@ def reconstruct(cfg) -> list:
         scored = shown = spread_over_classes(source, range(len(source)), cfg.seed)[:cfg.num_images]
     mae, info = load_mae(cfg.checkpoint, allow_missing_decoder=False, norm_pix_loss=norm_pix)
     mae.eval()
-    pixels = PixelSpec.from_dict(mae.encoder.arch.get("pixels"), mae.encoder.in_chans)  # the encoder's input
-    bands = [int(b) for b in cfg.bands.split(",")] if cfg.bands else None
-    check_bands(bands, pixels.in_chans)
+    pixels = views.model_pixels(mae.encoder)
+    bands = views.parse_bands(cfg.bands)
+    views.check_bands(bands, pixels.in_chans)
+    size = mae.encoder.arch["img_size"]
 
-    def images_of(indices, batch_size):
-        loader = make_loader(source, indices, batch_size=batch_size, recipe="eval", shuffle=False, num_workers=0,
-                             img_size=mae.encoder.arch["img_size"], cache="off", device="cpu", pixels=pixels)
-        return (x for x, _ in loader)
+    def named(batches):  # each image's mask is keyed by its name (mimkit.views), as on the explore page
+        return ((x, [source.names[i] for i in idx]) for x, idx in batches)
 
-    images = torch.cat(list(images_of(shown, len(shown))))
+    images, names = zip(*named(views.load_images(source, shown, size, pixels, len(shown))))
+    images, names = torch.cat(images), [n for batch in names for n in batch]
     out = Path(cfg.output)
     if cfg.grid:
         paths = [reconstruction_grid(mae, images, out / f"reconstruction-mask{cfg.mask_ratio:.2f}-seed{cfg.seed}.png",
-                                     cfg.mask_ratio, cfg.seed, bands)]
+                                     cfg.mask_ratio, cfg.seed, bands, names, cfg.masking)]
     else:
-        panels = reconstruction_panels(mae, images, cfg.mask_ratio, cfg.seed, bands)
+        panels = reconstruction_panels(mae, images, cfg.mask_ratio, cfg.seed, bands, names, cfg.masking)
         paths = []
-        for name, row in zip([source.names[i] for i in shown], panels):
+        for name, row in zip(names, panels):
             # the file's path inside the folder, flattened: cat/0000.jpg and ship/0000.jpg must not share a figure
             p = out / (str(Path(name).with_suffix("")).replace("/", "_") + f"-mask{cfg.mask_ratio:.2f}.png")
-            p.parent.mkdir(parents=True, exist_ok=True)
-            grid = make_grid(_upscale(row.cpu()), nrow=4, padding=2, pad_value=1.0)
-            write_via(p, lambda f: save_image(grid, f, format="png"))
-            paths.append(p)
+            paths.append(save_rows(row.unsqueeze(0), p))
     for p in paths:
         log.info("wrote %s", p)
-    score = masked_mse(mae, images_of(scored, min(len(scored), 256)), cfg.mask_ratio, cfg.seed)  # streamed
+    score = masked_mse(mae, named(views.load_images(source, scored, size, pixels, min(len(scored), 256))),
+                       cfg.mask_ratio, cfg.seed, cfg.masking)  # streamed
+    score["masking"] = cfg.masking
     score["held_out"] = cfg.val_fraction > 0
     write_json(out / "results.json", score)
     which = "held-out" if cfg.val_fraction > 0 else "shown"
@@ -155,3 +125,83 @@ def reconstruct(cfg) -> list:
           f"the model's error is lower by {score['gain']:.4f} +- {score['gain_se']:.4f} (standard error over the "
           f"images; {out / 'results.json'})")
     return paths
+
+
+def viz(cfg) -> dict:
+    """CLI ``mimkit viz attention|pca|neighbours``: a PNG (a row per image of ``cfg.images``, spread over its
+    classes) and the numbers behind it in a JSON beside it, computed by :mod:`mimkit.views` as the explore page
+    computes them."""
+    from .checkpoints import load
+    from .data import open_images, spread_over_classes
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    source = open_images(cfg.images)  # the images first: a bad --images fails before the weights are read
+    model = load(cfg.checkpoint)
+    encoder = model.encoder if hasattr(model, "encoder") else model
+    views.check_vit(encoder)
+    encoder.eval()
+    pixels, size, bands = views.model_pixels(encoder), encoder.arch["img_size"], views.parse_bands(cfg.bands)
+    views.check_bands(bands, pixels.in_chans)
+    picks = spread_over_classes(source, range(len(source)), cfg.seed)[:cfg.num_images]
+    images, index = zip(*views.load_images(source, picks, size, pixels))
+    images, index = torch.cat(images), [i for batch in index for i in batch]
+    shown = views.display_images(images, pixels, bands)
+    numbers = {"checkpoint": str(cfg.checkpoint), "images": str(cfg.images), "img_size": size}
+    if cfg.action == "attention":
+        maps = views.cls_attention(encoder, images, cfg.block)  # (B, heads, gh, gw)
+        columns = [shown, views.attention_overlay(shown, maps.mean(1))]
+        columns += [views.attention_overlay(shown, maps[:, h]) for h in range(maps.shape[1])]
+        numbers.update(block=cfg.block % len(encoder.blocks), heads=maps.shape[1],
+                       columns=["image", "mean over heads"] + [f"head {h}" for h in range(maps.shape[1])],
+                       per_image=[{"name": source.names[i], "mean": maps[j].mean(0).tolist(), "heads": maps[j].tolist()}
+                                  for j, i in enumerate(index)])
+    elif cfg.action == "pca":
+        feats, grid = views.patch_features(encoder, images), views.grid_of(encoder, images)
+        if cfg.pca_fit == "sample":
+            sample = spread_over_classes(source, range(len(source)), cfg.seed)[:cfg.pca_images]
+            fitted = torch.cat([views.patch_features(encoder, x) for x, _ in views.load_images(source, sample, size, pixels)])
+            fits = [views.fit_pca(fitted.flatten(0, 1))] * len(index)
+        else:
+            fits = [views.fit_pca(f) for f in feats]
+        colours = torch.cat([views.pca_colours(f.unsqueeze(0), pca, grid) for f, pca in zip(feats, fits)])
+        columns = [shown, views.upsample_grid(colours.flatten(0, 1), images.shape[-2:]).view_as(shown)]
+        numbers.update(fit=cfg.pca_fit, sample_images=cfg.pca_images if cfg.pca_fit == "sample" else None,
+                       columns=["image", "first three principal components as RGB"],
+                       per_image=[{"name": source.names[i], "explained": pca["explained"]}
+                                  for i, pca in zip(index, fits)])
+    else:
+        from .features import extract_features
+        if cfg.index:
+            found = views.FeatureIndex.read(cfg.index, cfg.checkpoint, size, source)
+            if found.meta["pool"] != cfg.pool:
+                raise ConfigError(f"--index {cfg.index} holds {found.meta['pool']!r} features; --pool is {cfg.pool!r}")
+        else:
+            found = views.FeatureIndex.build(encoder, source, range(len(source)), cfg.pool, progress=_every_tenth())
+        queries = extract_features(encoder, images, cfg.pool)
+        lists = [found.nearest(q, cfg.k, exclude=i) for q, i in zip(queries, index)]
+        columns = [shown]
+        for j in range(cfg.k):  # the j-th neighbour of every image, blank where an image has fewer
+            picks = [row[j]["index"] if j < len(row) else None for row in lists]
+            got = {}
+            for x, idx in views.load_images(source, [i for i in picks if i is not None], size, pixels):
+                got.update(zip(idx, views.display_images(x, pixels, bands)))
+            columns.append(torch.stack([got.get(i, torch.ones_like(shown[0])) for i in picks]))
+        numbers.update(pool=cfg.pool, k=cfg.k, index=cfg.index or "built", columns=["image"] + [
+            f"neighbour {j + 1}" for j in range(cfg.k)], per_image=[
+            {"name": source.names[i], "neighbours": row} for i, row in zip(index, lists)])
+    out = Path(cfg.output)
+    figure = save_rows(torch.stack(columns, dim=1), out / f"{cfg.action}.png")
+    write_json(out / f"{cfg.action}.json", numbers)
+    log.info("wrote %s and %s", figure, out / f"{cfg.action}.json")
+    return numbers
+
+
+def _every_tenth():
+    """A progress callback logging the index build about every tenth of the images."""
+    last = [0]
+
+    def progress(done: int, total: int):
+        if done == total or done - last[0] >= total / 10:
+            last[0] = done
+            log.info("neighbour index: %d of %d images", done, total)
+    return progress

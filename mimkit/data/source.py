@@ -91,6 +91,17 @@ class FileSource(FolderSource):
         ImageSource.__init__(self, Path(path).parent, [Path(path).name])
 
 
+class BytesSource(ImageSource):
+    """One image held in memory under its file name (an upload to ``mimkit explore``), unlabeled."""
+
+    def __init__(self, name: str, data: bytes):
+        super().__init__("<upload>", [name])
+        self.data = data
+
+    def read_bytes(self, i):
+        return self.data
+
+
 class TarSource(ImageSource):
     """A tar archive read without extracting.
 

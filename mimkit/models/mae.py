@@ -154,11 +154,15 @@ class MaskedAutoencoder(nn.Module):
         """Predicted images in the input's pixel space and the (B, L) mask; undoes the per-patch normalisation
         with each hidden patch's true statistics, as the paper's figures do."""
         out = self.forward(imgs, mask_ratio, noise, generator)
-        pred = out.pred.float()
+        return self.predicted_images(imgs, out.pred), out.mask
+
+    def predicted_images(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """The decoder's (B, L, p*p*C) prediction as images in the input's pixel space (see :meth:`reconstruct`)."""
+        pred = pred.float()
         if self.norm_pix_loss:
             t = self.patchify(imgs).float()
             pred = pred * (t.var(-1, keepdim=True) + 1e-6) ** 0.5 + t.mean(-1, keepdim=True)
-        return self.unpatchify(pred, self._grid(imgs)), out.mask
+        return self.unpatchify(pred, self._grid(imgs))
 
     @classmethod
     def from_arch(cls, arch: dict) -> "MaskedAutoencoder":
