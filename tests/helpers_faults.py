@@ -39,7 +39,7 @@ from mimkit.objectives.mae import MAEObjective  # noqa: E402
 # the tiny pretraining run every fault test uses: 900 builtin images, 28 steps of 32 an epoch
 TINY = dict(data="builtin", model="vit_micro_patch4_32", decoder_dim=32, decoder_depth=1, decoder_heads=2,
             threads=1, num_workers=0, figure_every=0, deterministic=True, base_lr=1e-3, warmup_epochs=0.1,
-            log_every=1)
+            log_every=1, device="cpu")  # CPU tests: on a one-GPU machine two torchrun ranks would ask for a second GPU
 
 
 def flags(options: dict) -> list:
