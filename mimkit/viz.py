@@ -6,43 +6,31 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from .data import PixelSpec
-from .errors import ConfigError
 from .files import write_via
+from .pixels import PixelSpec
 
 log = logging.getLogger("mimkit")
 
 
-def _to_pixels(x: torch.Tensor, spec: PixelSpec, bands=None) -> torch.Tensor:
-    """Normalised (B, C, H, W) -> displayable (B, 3, H, W) in [0, 1]: one channel as grey, three as RGB, more as
-    the false colour of ``bands`` (1-based, as remote sensing names them; default the first three)."""
-    mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
-    x = (x.float() * std + mean).clamp(0, 1)
-    if x.shape[1] == 1:
-        return x.expand(-1, 3, -1, -1)
-    return x[:, [b - 1 for b in (bands or (1, 2, 3))]]
-
-
-def check_bands(bands, in_chans: int):
-    if bands and (len(bands) != 3 or not all(1 <= b <= in_chans for b in bands)):
-        raise ConfigError(f"--bands needs three channel numbers in 1..{in_chans}, got {','.join(map(str, bands))}")
+def _to_pixels(x: torch.Tensor, spec: PixelSpec) -> torch.Tensor:
+    """Normalised (B, C, H, W) -> displayable (B, 3, H, W) in [0, 1] by the input's spec: one channel as grey,
+    the red, green and blue roles as RGB (default the first three: RGB, or a false colour)."""
+    return spec.denormalize(x)[:, list(spec.display_channels())]
 
 
 @torch.no_grad()
 def reconstruction_panels(mae, images: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0,
-                          bands=None) -> torch.Tensor:
-    """(B, 4, 3, H, W) in [0, 1]: original, masked input (hidden patches grey), reconstruction, pasted; N-channel
-    images shown as the false colour of ``bands`` (see :func:`_to_pixels`)."""
+                          pixels: PixelSpec = None) -> torch.Tensor:
+    """(B, 4, 3, H, W) in [0, 1]: original, masked input (hidden patches grey), reconstruction, pasted; shown by
+    ``pixels`` (default the encoder's spec: its statistics and red, green, blue roles; see :func:`_to_pixels`)."""
     gen = torch.Generator().manual_seed(seed)
     gh, gw = images.shape[-2] // mae.patch_size, images.shape[-1] // mae.patch_size
     noise = torch.rand(images.shape[0], gh * gw, generator=gen).to(images.device)
     recon, mask = mae.reconstruct(images, mask_ratio=mask_ratio, noise=noise)
     p = mae.patch_size
     pixel_mask = mask.reshape(-1, 1, gh, gw).repeat_interleave(p, 2).repeat_interleave(p, 3)  # 1 = hidden
-    spec = PixelSpec.from_dict(mae.encoder.arch.get("pixels"), mae.encoder.in_chans)
-    check_bands(bands, spec.in_chans)
-    original, recon = _to_pixels(images, spec, bands), _to_pixels(recon, spec, bands)
+    spec = pixels or mae.encoder.pixels
+    original, recon = _to_pixels(images, spec), _to_pixels(recon, spec)
     if not spec.is_rgb8:  # e.g. 12-bit data in a 16-bit range: stretch for display, the 1st-99th percentile of
         # the originals' values per shown channel to black-white, the same for every panel
         q = torch.quantile(original.transpose(0, 1).flatten(1).float(), torch.tensor([0.01, 0.99], device=images.device), dim=1)
@@ -60,9 +48,9 @@ def _upscale(x: torch.Tensor, min_px: int = 128) -> torch.Tensor:
 
 
 def reconstruction_grid(mae, images: torch.Tensor, path, mask_ratio: float = 0.75, seed: int = 0,
-                        bands=None) -> Path:
+                        pixels: PixelSpec = None) -> Path:
     """One PNG, a row per image; small images are enlarged (nearest) so patches stay visible."""
-    panels = reconstruction_panels(mae, images, mask_ratio, seed, bands)
+    panels = reconstruction_panels(mae, images, mask_ratio, seed, pixels)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(_upscale(panels.flatten(0, 1).cpu()), nrow=4, padding=2, pad_value=1.0)
@@ -106,7 +94,7 @@ def reconstruct(cfg) -> list:
     from .checkpoints import load_mae
     from .errors import DataError
     from .files import write_json
-    from .data import make_loader, open_images, split_train_val, spread_over_classes
+    from .data import make_loader, open_images, reuse_pixels, split_train_val, spread_over_classes
     norm_pix = {"auto": None, "normalised": True, "raw": False}[cfg.target]
     source = open_images(cfg.images)  # the images first: a bad --images fails before the weights are read
     if cfg.val_fraction > 0:
@@ -119,9 +107,8 @@ def reconstruct(cfg) -> list:
         scored = shown = spread_over_classes(source, range(len(source)), cfg.seed)[:cfg.num_images]
     mae, info = load_mae(cfg.checkpoint, allow_missing_decoder=False, norm_pix_loss=norm_pix)
     mae.eval()
-    pixels = PixelSpec.from_dict(mae.encoder.arch.get("pixels"), mae.encoder.in_chans)  # the encoder's input
-    bands = [int(b) for b in cfg.bands.split(",")] if cfg.bands else None
-    check_bands(bands, pixels.in_chans)
+    # the encoder's input spec, the data's bands matched to it by name, --bands as the colours shown
+    pixels = reuse_pixels(mae.encoder.pixels, source, scored, band_names=cfg.band_names, bands=cfg.bands)
 
     def images_of(indices, batch_size):
         loader = make_loader(source, indices, batch_size=batch_size, recipe="eval", shuffle=False, num_workers=0,
@@ -132,9 +119,9 @@ def reconstruct(cfg) -> list:
     out = Path(cfg.output)
     if cfg.grid:
         paths = [reconstruction_grid(mae, images, out / f"reconstruction-mask{cfg.mask_ratio:.2f}-seed{cfg.seed}.png",
-                                     cfg.mask_ratio, cfg.seed, bands)]
+                                     cfg.mask_ratio, cfg.seed, pixels)]
     else:
-        panels = reconstruction_panels(mae, images, cfg.mask_ratio, cfg.seed, bands)
+        panels = reconstruction_panels(mae, images, cfg.mask_ratio, cfg.seed, pixels)
         paths = []
         for name, row in zip([source.names[i] for i in shown], panels):
             # the file's path inside the folder, flattened: cat/0000.jpg and ship/0000.jpg must not share a figure
