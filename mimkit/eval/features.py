@@ -33,14 +33,14 @@ log = logging.getLogger("mimkit")
 
 
 # the encoder ----------------------------------------------------------------------------------------
-def load_eval_encoder(cfg, source=None, indices=None) -> Tuple[MaskedViT, dict]:
+def load_eval_encoder(cfg, data=None, indices=None) -> Tuple[MaskedViT, dict]:
     """The encoder an evaluation config names, and a small description of where it came from.
 
     ``--checkpoint`` (a file, or a run directory: its newest checkpoint) gives the trained encoder;
     ``--random-init`` gives the same shape freshly initialised as its pretraining would start it
     (shape from ``--model`` when given, else from the checkpoint). RGB weights for data of another ``--in-chans``
-    are adapted by the checkpoint reader (RGB kernels by role where given): with the data (``source[indices]``) given, the
-    adapted encoder's input is the data's spec, so ``--bands`` roles and ``--band-names`` shape the adaptation.
+    are adapted by the checkpoint reader (RGB kernels by role where given): with the data given, the
+    adapted encoder's input is the data's spec (``data[indices]``), so ``--bands`` roles and ``--band-names`` shape the adaptation.
     """
     source = {"checkpoint": cfg.checkpoint or None, "random_init": bool(cfg.random_init)}
     if cfg.random_init and cfg.model:
@@ -54,9 +54,9 @@ def load_eval_encoder(cfg, source=None, indices=None) -> Tuple[MaskedViT, dict]:
     if cfg.in_chans and cfg.in_chans != encoder.in_chans:  # RGB weights for N-channel data: adapt the projection
         arch = {k: v for k, v in encoder.arch.items() if k != "pixels"}
         pixels = None
-        if source is not None:  # the data's own spec (statistics 'auto' unless given), band names and roles
+        if data is not None:  # the data's own spec (statistics 'auto' unless given), band names and roles
             from ..data import resolve_pixels
-            pixels = resolve_pixels(source, indices, cfg.in_chans, cfg.value_range, cfg.mean or "auto",
+            pixels = resolve_pixels(data, indices, cfg.in_chans, cfg.value_range, cfg.mean or "auto",
                                     cfg.std or "auto", band_names=cfg.band_names, bands=cfg.bands)
         encoder = load_encoder(read(cfg.checkpoint), model=MaskedViT(**dict(arch, in_chans=cfg.in_chans,
                                                                             pixels=pixels)))
