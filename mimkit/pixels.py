@@ -13,7 +13,7 @@ too (:func:`parse_pixel_options`), for the config's checks and for the data laye
 """
 import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Optional, Sequence, Tuple
 
 from .errors import ConfigError
@@ -143,14 +143,6 @@ def default_spec(in_chans: int = 3) -> PixelSpec:
     return PixelSpec(in_chans=in_chans, mean=(0.5,) * in_chans, std=(0.5,) * in_chans)
 
 
-def spec_of(model) -> PixelSpec:
-    """The input spec of a model (an encoder, an MAE, an objective): the one accessor."""
-    for m in (model, getattr(model, "encoder", None), getattr(getattr(model, "model", None), "encoder", None)):
-        if isinstance(getattr(m, "pixels", None), PixelSpec):
-            return m.pixels
-    raise TypeError(f"{type(model).__name__} carries no pixel spec")
-
-
 def _fmt(values) -> str:
     return ",".join(f"{v:.6g}" for v in values)
 
@@ -270,6 +262,3 @@ def match_bands(model: Sequence[str], data: Sequence[str]) -> Optional[Tuple[int
         raise ValueError(f"the checkpoint's bands {','.join(model)} do not match the data's {','.join(data)}")
     return tuple(data.index(n) for n in model)
 
-
-def with_roles(spec: PixelSpec, rgb) -> PixelSpec:
-    return replace(spec, rgb=tuple(rgb) if rgb is not None else None)

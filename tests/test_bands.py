@@ -286,3 +286,23 @@ def test_figures_show_the_red_green_blue_roles():
     moved = reconstruction_panels(micro_mae(4, pixels=plain), images[:, [3, 2, 1, 0]])
     assert torch.allclose(panels[:, :2], moved[:, :2])  # original and masked panels
     assert not torch.allclose(panels[:, 0], reconstruction_panels(micro_mae(4, pixels=plain), images)[:, 0])
+
+
+def test_specs_and_names_from_before_still_read():
+    """The stored spec of runs and checkpoints written before band names (config.yaml's ``pixels``, an encoder's
+    ``arch["pixels"]``, an export's ``mimkit_pixels``) reads and writes back unchanged; an RGB encoder still
+    records none; the old module names import, and the ImageNet-only ``to_unit`` says where it went."""
+    from mimkit.models import MaskedViT
+    old = {"in_chans": 4, "dtype": "float", "low": [100.0] * 4, "high": [4000.0] * 4, "mean": [0.3, 0.31, 0.32, 0.4],
+           "std": [0.1, 0.11, 0.12, 0.2]}
+    spec = PixelSpec.from_dict(old)
+    assert spec.to_dict() == old and spec.band_names is None and spec.rgb is None
+    enc = MaskedViT(img_size=32, patch_size=4, embed_dim=96, depth=1, num_heads=3, in_chans=4, pixels=old)
+    assert enc.arch["pixels"] == old and enc.pixels == spec
+    assert "pixels" not in MaskedViT(img_size=32, patch_size=4, embed_dim=96, depth=1, num_heads=3).arch
+    from mimkit.data.pixels import PixelSpec as Old, resolve_pixels, to_input  # noqa: F401
+    from mimkit.data.stats import IMAGENET_MEAN
+    from mimkit.models.pixels import IMAGE_MEAN
+    assert Old is PixelSpec and IMAGENET_MEAN == IMAGE_MEAN == PixelSpec().mean
+    with pytest.raises(ImportError, match="PixelSpec.denormalize"):
+        from mimkit.models.pixels import to_unit  # noqa: F401

@@ -269,6 +269,12 @@ def _encoder_arch(src: Source) -> Tuple[dict, dict]:
     if chans != 3:  # as MaskedViT records it
         arch["in_chans"] = int(chans)
     if src.hints.get("pixels"):  # the input spec the file carries (mimkit_arch, HF's config.json)
+        try:
+            stored = PixelSpec.from_dict(src.hints["pixels"], chans)
+            if stored.in_chans != chans:
+                raise ValueError(f"{stored.in_chans} channel(s) for weights of {chans}")
+        except (TypeError, ValueError) as e:
+            raise src.error(f"its stored pixel spec is not one ({e})") from None
         arch["pixels"] = dict(src.hints["pixels"])
     extra = {}
     if "encoder.head.weight" in t:
