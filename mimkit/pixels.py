@@ -38,6 +38,11 @@ class PixelSpec:
     order: Optional[Tuple[int, ...]] = None  # the file channel each input channel is read from (None: in order)
 
     def __post_init__(self):
+        for name, t in (("low", float), ("high", float), ("mean", float), ("std", float), ("band_names", str),
+                        ("rgb", int), ("order", int)):  # lists (YAML, JSON, callers) become tuples: comparable, hashable
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, tuple(t(x) for x in v))
         c = self.in_chans
         if not isinstance(c, int) or c < 1:
             raise ValueError(f"in_chans must be a positive integer, got {c!r}")
@@ -86,14 +91,6 @@ class PixelSpec:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown pixel spec key(s) {', '.join(unknown)}")
-        tup = lambda v, t=float: None if v is None else tuple(t(x) for x in v)  # noqa: E731
-        d = dict(d)
-        for k in ("low", "high", "mean", "std"):
-            if k in d:
-                d[k] = tup(d[k])
-        for k, t in (("band_names", str), ("rgb", int), ("order", int)):
-            if k in d:
-                d[k] = tup(d[k], t)
         return cls(**d)
 
     # numbers -----------------------------------------------------------------------------------------------------
@@ -112,11 +109,9 @@ class PixelSpec:
         return (x * std + mean).clamp(0, 1)
 
     def display_channels(self) -> Tuple[int, ...]:
-        """The channels shown as red, green, blue: one channel as grey, the RGB roles where given, else the first
-        three."""
-        if self.in_chans == 1:
-            return (0, 0, 0)
-        return self.rgb or (0, 1, 2)
+        """The channels shown as red, green, blue: the RGB roles where given, else the first three (one channel:
+        grey)."""
+        return self.rgb or tuple(min(i, self.in_chans - 1) for i in range(3))
 
     # words -------------------------------------------------------------------------------------------------------
     def band(self, i: int) -> str:
@@ -252,13 +247,13 @@ def resolve_roles(bands: Optional[Sequence[str]], names: Optional[Sequence[str]]
     return tuple(out)
 
 
-def match_bands(model: Sequence[str], data: Sequence[str]) -> Optional[Tuple[int, ...]]:
-    """The data channel each of the model's bands is read from (None: already in order); a ValueError naming both
-    lists when the data lacks one of the model's bands or has others."""
-    model, data = list(model), list(data)
-    if model == data:
+def match_bands(want: Sequence[str], have: Sequence[str], labels=("the checkpoint's", "the data's")
+                ) -> Optional[Tuple[int, ...]]:
+    """Where each band of ``want`` is in ``have`` (None: already in order); a ValueError naming both lists (as
+    ``labels``: whose is ``want``, whose ``have``) when they are not the same set."""
+    want, have = list(want), list(have)
+    if want == have:
         return None
-    if sorted(model) != sorted(data):
-        raise ValueError(f"the checkpoint's bands {','.join(model)} do not match the data's {','.join(data)}")
-    return tuple(data.index(n) for n in model)
-
+    if sorted(want) != sorted(have):
+        raise ValueError(f"{labels[0]} bands {','.join(want)} do not match {labels[1]} {','.join(have)}")
+    return tuple(have.index(n) for n in want)

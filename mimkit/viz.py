@@ -31,7 +31,7 @@ def reconstruction_panels(mae, images: torch.Tensor, mask_ratio: float = 0.75, s
     pixel_mask = mask.reshape(-1, 1, gh, gw).repeat_interleave(p, 2).repeat_interleave(p, 3)  # 1 = hidden
     spec = pixels or mae.encoder.pixels
     original, recon = _to_pixels(images, spec), _to_pixels(recon, spec)
-    if not spec.is_rgb8:  # e.g. 12-bit data in a 16-bit range: stretch for display, the 1st-99th percentile of
+    if spec.in_chans != 3 or spec.dtype != "uint8" or spec.low is not None:  # e.g. 12-bit data in a 16-bit range: stretch for display, the 1st-99th percentile of
         # the originals' values per shown channel to black-white, the same for every panel
         q = torch.quantile(original.transpose(0, 1).flatten(1).float(), torch.tensor([0.01, 0.99], device=images.device), dim=1)
         lo, hi = q[0].view(1, -1, 1, 1), q[1].view(1, -1, 1, 1)

@@ -91,6 +91,25 @@ def test_rgb_weights_go_to_bands_by_role_and_the_mapping_is_logged(tmp_path, cap
     assert torch.equal(bgr.encoder.patch_embed.proj.weight, w[:, [2, 1, 0]])
 
 
+def test_init_from_a_named_checkpoint_matches_bands_by_name(tmp_path):
+    """--init from a B02,B03,B04,B08 checkpoint into a model of the same bands in another order takes each band's
+    kernel by name; a model with another band set is refused naming both lists. Loading by position fails the
+    first check."""
+    from mimkit.checkpoints import export, load_mae
+    from mimkit.errors import CheckpointError
+    from mimkit.models import create_mae
+    spec = PixelSpec(in_chans=4, dtype="float", mean=(0.3,) * 4, std=(0.2,) * 4, band_names=S2)
+    path = export(micro_mae(4, pixels=spec), "mae", tmp_path / "s2.pth")
+    w = load_mae(path)[0].encoder.patch_embed.proj.weight.detach()
+    shape = dict(depth=2, decoder_dim=64, decoder_depth=1, decoder_heads=4, in_chans=4)
+    moved = create_mae(MICRO, pixels=replace(spec, band_names=("B04", "B03", "B02", "B08")), **shape)
+    load_mae(path, model=moved)
+    assert torch.equal(moved.encoder.patch_embed.proj.weight, w[:, [2, 1, 0, 3]])
+    other = create_mae(MICRO, pixels=replace(spec, band_names=("B02", "B03", "B04", "B05")), **shape)
+    with pytest.raises(CheckpointError, match="the model's bands B02,B03,B04,B05 do not match the checkpoint's B02,B03,B04,B08"):
+        load_mae(path, model=other)
+
+
 def test_pretrain_init_and_evaluations_take_roles_by_name_from_tiff_descriptions(tmp_path, caplog):
     """pretrain --init RGB weights on 4-band GeoTIFFs: the band names come from the files' descriptions, --bands
     B04,B03,B02 maps the kernels (lr 0, so the checkpoint holds the start), and the checkpoint stores names and

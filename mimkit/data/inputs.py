@@ -290,8 +290,7 @@ def reuse_pixels(stored: PixelSpec, source, indices, in_chans: int = 0, value_ra
     opts = parse_pixel_options(in_chans, value_range, mean, std, band_names, bands)
     if opts.in_chans and opts.in_chans != stored.in_chans:
         raise ConfigError(f"--in-chans {opts.in_chans}: the encoder takes {stored.in_chans} channel(s)")
-    probe = _probe(source, indices, PROBE_IMAGES)
-    data_names = opts.band_names or _file_band_names(source, [i for i, _ in probe], stored.in_chans)
+    data_names = opts.band_names or _file_band_names(source, indices[:1], stored.in_chans)
     order = _band_order(stored, data_names, source.root)
     rgb = stored.rgb
     if opts.bands:  # names: the encoder's (or the data's, the same set); numbers: the data's channels, 1-based
@@ -307,7 +306,7 @@ def reuse_pixels(stored: PixelSpec, source, indices, in_chans: int = 0, value_ra
         spec = replace(fresh, order=order, band_names=stored.band_names, rgb=rgb)
         log.info("input: %s (options given here, in place of the encoder's %s)", spec.describe(), stored.describe())
         return spec
-    for i, a in probe:
+    for i, a in _probe(source, indices, PROBE_IMAGES):
         try:
             to_input(a, spec, source.names[i])
         except BadImage as e:
