@@ -383,7 +383,7 @@ def _fit_bands(name: str, v: torch.Tensor, want: torch.Tensor, src: Source, spec
     what = src.where(name)
     if theirs.band_names and spec.band_names:
         try:
-            order = match_bands(spec.band_names, theirs.band_names)
+            order = match_bands(spec.band_names, theirs.band_names, ("the model's", "the checkpoint's"))
         except ValueError as e:
             raise src.error(str(e)) from None
         if order:
