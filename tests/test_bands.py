@@ -171,6 +171,26 @@ def test_a_checkpoint_reads_data_of_another_band_order_by_name_and_refuses_anoth
         emb(other)
 
 
+def test_an_rgb_encoder_reads_bgr_files_by_role(tmp_path):
+    """--bands 3,2,1 on BGR files for an RGB encoder: the files' blue, green, red are read into the encoder's blue,
+    green, red channels, so the input equals that of the same images stored RGB. Roles for the figures only
+    (the old --bands) fail this."""
+    from mimkit.data import make_loader, open_images, reuse_pixels
+    rgb = dark_rgb_folder(tmp_path / "rgb")
+    for f in sorted(rgb.rglob("*.png")):  # the same scenes stored blue, green, red
+        out = tmp_path / "bgr" / f.relative_to(rgb)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(Image.open(f))[:, :, ::-1].copy()).save(out)
+    batch = lambda src, spec: next(iter(make_loader(src, range(len(src)), batch_size=len(src), recipe="eval",  # noqa
+                                                    img_size=32, shuffle=False, num_workers=0, cache="off",
+                                                    device="cpu", pixels=spec)))[0]
+    bgr = open_images(str(tmp_path / "bgr"))
+    spec = reuse_pixels(PixelSpec(), bgr, range(len(bgr)), bands="3,2,1")
+    assert spec.order == (2, 1, 0)
+    src = open_images(str(rgb))
+    assert torch.allclose(batch(bgr, spec), batch(src, PixelSpec()), atol=1e-6)
+
+
 def test_band_options_are_checked_before_work():
     with pytest.raises(ConfigError, match="--bands must be three different bands"):
         parse_pixel_options(bands="B04,B03")

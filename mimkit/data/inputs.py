@@ -286,7 +286,8 @@ def reuse_pixels(stored: PixelSpec, source, indices, in_chans: int = 0, value_ra
     Bands meet by name: when the encoder and the data (``band_names``, else the TIFF's band descriptions) both
     name theirs, the data's are read in the encoder's order, and a band set that differs is a DataError naming
     both lists; without names on either side, channels meet by position, with a warning for multi-band data.
-    ``bands`` (red,green,blue roles, by name or 1-based data channel) replace the encoder's roles."""
+    ``bands`` (red,green,blue roles, by name or 1-based data channel) replace the encoder's roles, and for three
+    bands without names (an RGB encoder and BGR files) read each band into the encoder's channel of its role."""
     opts = parse_pixel_options(in_chans, value_range, mean, std, band_names, bands)
     if opts.in_chans and opts.in_chans != stored.in_chans:
         raise ConfigError(f"--in-chans {opts.in_chans}: the encoder takes {stored.in_chans} channel(s)")
@@ -295,7 +296,15 @@ def reuse_pixels(stored: PixelSpec, source, indices, in_chans: int = 0, value_ra
     rgb = stored.rgb
     if opts.bands:  # names: the encoder's (or the data's, the same set); numbers: the data's channels, 1-based
         data_roles = resolve_roles(opts.bands, data_names or stored.band_names, stored.in_chans)
-        rgb = tuple(order.index(i) for i in data_roles) if order else data_roles
+        theirs = stored.rgb or ((0, 1, 2) if stored.in_chans == 3 and not stored.band_names else None)
+        if order is None and stored.in_chans == 3 and theirs and tuple(theirs) != data_roles:
+            # three bands, all with roles on both sides (an RGB encoder, BGR files): each read into its role's channel
+            order = tuple(data_roles[theirs.index(j)] for j in range(3))
+            log.info("bands by role: the data's channels %s read as the encoder's red, green, blue",
+                     ",".join(str(i + 1) for i in data_roles))
+            rgb = stored.rgb
+        else:
+            rgb = tuple(order.index(i) for i in data_roles) if order else data_roles
     spec = replace(stored, order=order, rgb=rgb)
     if opts.value_range or opts.mean or opts.std:
         given = replace(opts, in_chans=stored.in_chans, mean=opts.mean or stored.mean, std=opts.std or stored.std,
