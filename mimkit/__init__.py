@@ -15,6 +15,7 @@ def load(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["load", "MaskedAutoencoder", "MaskedViT", "PixelSpec", "create_encoder", "create_mae", "list_models", "load_config",
+__all__ = ["load", "MaskedAutoencoder", "MaskedViT", "PixelSpec", "create_encoder", "create_mae", "list_models",
+           "load_config",
            "MimkitError", "ConfigError", "DataError", "CheckpointError", "BadImage", "DivergedError", "Preempted",
            "PretrainConfig", "KnnConfig", "LinprobeConfig", "FinetuneConfig", "ReconstructConfig"]

@@ -13,12 +13,13 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import yaml
 
 from .errors import ConfigError
-from .pixels import PixelOptions, parse_band_names, parse_floats, parse_pixel_options  # noqa: F401 (parse_floats: its old home)
+# parse_floats: importable from its old home
+from .pixels import PixelOptions, parse_band_names, parse_floats, parse_pixel_options  # noqa: F401
 
 
 def opt(default, help: str, choices=None, positional: bool = False):

@@ -14,9 +14,12 @@ too (:func:`parse_pixel_options`), for the config's checks and for the data laye
 import math
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # the spec itself needs no torch: config imports it
+    import torch
 
 # the one home of ImageNet's statistics (MAE's and timm's numbers: timm.data.IMAGENET_DEFAULT_MEAN / _STD)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,7 +42,7 @@ class PixelSpec:
 
     def __post_init__(self):
         for name, t in (("low", float), ("high", float), ("mean", float), ("std", float), ("band_names", str),
-                        ("rgb", int), ("order", int)):  # lists (YAML, JSON, callers) become tuples: comparable, hashable
+                        ("rgb", int), ("order", int)):  # lists (YAML, JSON, callers) become tuples
             v = getattr(self, name)
             if v is not None:
                 object.__setattr__(self, name, tuple(t(x) for x in v))

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import BadImage, ConfigError, DataError
-from ..pixels import (IMAGENET_MEAN as MEAN, IMAGENET_STD as STD, PixelOptions, PixelSpec, default_spec,  # noqa: F401
-                      match_bands, parse_pixel_options, resolve_roles)
+from ..pixels import PixelOptions, PixelSpec, default_spec, match_bands, parse_pixel_options, resolve_roles
 from .decode import check_finite, decode_array, read_bytes, tiff_band_names
 
 log = logging.getLogger("mimkit")
@@ -76,7 +75,8 @@ def to_input(arr: np.ndarray, spec: PixelSpec, name: str) -> torch.Tensor:
     if spec.dtype == "uint8":
         if arr.dtype != np.uint8:
             raise BadImage(name, f"is {arr.dtype}, the run reads 8-bit files")
-        return torch.from_numpy(np.array(spec_channels(arr, spec, name).transpose(2, 0, 1)))  # a copy: PIL arrays are read-only
+        # a copy: PIL arrays are read-only
+        return torch.from_numpy(np.array(spec_channels(arr, spec, name).transpose(2, 0, 1)))
     if spec.low is None:
         lo, hi = dtype_range(arr.dtype)
         if arr.dtype.kind == "f" and (arr.min() < 0 or arr.max() > 1):

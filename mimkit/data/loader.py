@@ -341,7 +341,7 @@ class Loader:
             for k in sorted(self.cache.bad):
                 self._skip(self.source.names[self.indices[k]], self.cache.bad[k])
 
-        if pixels is not None:  # the spec's statistics, for the batched and per-image paths (RGB files too: --mean auto)
+        if pixels is not None:  # the spec's statistics, batched and per image (RGB files too: --mean auto)
             transform_kwargs = dict(transform_kwargs, mean=pixels.mean, std=pixels.std)
         form = batched_form(recipe, aug, transform_kwargs)
         self.batched = self.cache is not None and form is not None

@@ -40,7 +40,8 @@ def load_eval_encoder(cfg, data=None, indices=None) -> Tuple[MaskedViT, dict]:
     ``--random-init`` gives the same shape freshly initialised as its pretraining would start it
     (shape from ``--model`` when given, else from the checkpoint). RGB weights for data of another ``--in-chans``
     are adapted by the checkpoint reader (RGB kernels by role where given): with the data given, the
-    adapted encoder's input is the data's spec (``data[indices]``), so ``--bands`` roles and ``--band-names`` shape the adaptation.
+    adapted encoder's input is the data's spec (``data[indices]``), so ``--bands`` roles and ``--band-names``
+    shape the adaptation.
     """
     source = {"checkpoint": cfg.checkpoint or None, "random_init": bool(cfg.random_init)}
     if cfg.random_init and cfg.model:
