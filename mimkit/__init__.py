@@ -2,6 +2,7 @@
 from .config import FinetuneConfig, KnnConfig, LinprobeConfig, PretrainConfig, ReconstructConfig, load_config
 from .errors import BadImage, CheckpointError, ConfigError, DataError, DivergedError, MimkitError, Preempted
 from .models import MaskedAutoencoder, MaskedViT, create_encoder, create_mae, list_models
+from .pixels import PixelSpec
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ def load(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["load", "MaskedAutoencoder", "MaskedViT", "create_encoder", "create_mae", "list_models", "load_config",
+__all__ = ["load", "MaskedAutoencoder", "MaskedViT", "PixelSpec", "create_encoder", "create_mae", "list_models",
+           "load_config",
            "MimkitError", "ConfigError", "DataError", "CheckpointError", "BadImage", "DivergedError", "Preempted",
            "PretrainConfig", "KnnConfig", "LinprobeConfig", "FinetuneConfig", "ReconstructConfig"]

@@ -13,11 +13,13 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import yaml
 
 from .errors import ConfigError
+# parse_floats: importable from its old home
+from .pixels import PixelOptions, parse_band_names, parse_floats, parse_pixel_options  # noqa: F401
 
 
 def opt(default, help: str, choices=None, positional: bool = False):
@@ -65,6 +67,12 @@ class DataOptions:
     mean: str = opt("", "per-channel input mean, comma-separated, or 'auto' (computed from up to 500 training "
                     "images); '' : ImageNet's for 3 channels, auto otherwise (evaluations: the checkpoint's)")
     std: str = opt("", "per-channel input std, comma-separated, or 'auto' (see --mean)")
+    band_names: str = opt("", "the bands' names in file order, e.g. B02,B03,B04,B08, or @FILE (a name a line); '' : "
+                          "the TIFF's band descriptions where present. Stored in the checkpoint; a checkpoint with "
+                          "names meets data by name (reordered, or refused when a band is missing)")
+    bands: str = opt("", "the bands playing red,green,blue, by name or 1-based number (e.g. B04,B03,B02 or 3,2,1): "
+                     "what figures show, and how RGB weights start a multi-band model (red's kernel to the red "
+                     "band, ...); stored in the checkpoint")
 
 
 @dataclass
@@ -213,8 +221,9 @@ class ReconstructConfig(RunOptions):
     grid: bool = opt(True, "one PNG grid (else one PNG per image)")
     val_fraction: float = opt(0.0, "show and score held-out images: the last fraction of each class, as "
                               "pretrain's --val-fraction (0: score the shown images)")
-    bands: str = opt("", "for images of more than 3 channels: the three shown as red,green,blue, 1-based "
-                     "(e.g. 4,3,2; default the first three); one channel is shown grey")
+    bands: str = opt("", "the bands shown as red,green,blue, by name or 1-based number (e.g. B04,B03,B02 or 4,3,2; "
+                     "default: the checkpoint's roles, else the first three); one channel is shown grey")
+    band_names: str = opt("", "the bands' names in file order (as pretrain's; '' : the TIFF's band descriptions)")
     masking: str = opt("random", "which patches are hidden: MAE's random sampling, BEiT's blocks or MAE's grid "
                        "(one patch kept per cell; --mask-ratio picks the cell); each image's mask follows from "
                        "--seed and its file name", ["random", "block", "grid"])
@@ -232,8 +241,7 @@ class ReconstructConfig(RunOptions):
             raise ConfigError(f"--num-images must be at least 1, got {self.num_images}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.bands and not re.fullmatch(r"\d+,\d+,\d+", self.bands.replace(" ", "")):
-            raise ConfigError(f"--bands must be three channel numbers like 4,3,2; got {self.bands!r}")
+        parse_pixel_options(band_names=self.band_names, bands=self.bands)
 
 
 @dataclass
@@ -261,6 +269,7 @@ class EmbedConfig:
     images: str = opt("", "image folder, .tar/.tar.gz of one, or 'builtin'", positional=True)
     out: str = opt("", "features file (.npy); the image names go beside it in a .txt file", positional=True)
     pool: str = opt("cls", "class token, mean of patch tokens, or every token", ["cls", "mean", "all"])
+    band_names: str = opt("", "the bands' names in file order (as pretrain's; '' : the TIFF's band descriptions)")
     img_size: int = opt(0, "input size in px (0: the checkpoint's; others interpolate the position embeddings)")
     batch_size: int = opt(64, "images per forward pass")
     device: str = opt("auto", "'auto' (cuda when present), 'cpu', 'cuda' or 'cuda:N'")
@@ -271,6 +280,7 @@ class EmbedConfig:
         for name in ("checkpoint", "images", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"{name.upper()} is required: mimkit embed CHECKPOINT IMAGES OUT.npy")
+        parse_band_names(self.band_names)
         check_file(self.checkpoint, "CHECKPOINT")
         check_positive(self, "batch_size")
         if self.img_size < 0:
@@ -554,7 +564,7 @@ def check_run(cfg):
     if data not in ("builtin", "builtin:sample"):
         check_file(data, "--data")
     if hasattr(cfg, "in_chans"):
-        check_pixel_options(cfg.in_chans, cfg.value_range, cfg.mean, cfg.std)
+        pixel_options(cfg)
 
 
 def check_choice(name: str, value, allowed):
@@ -592,40 +602,10 @@ def check_eval(cfg):
     check_run(cfg)
 
 
-# pixel options (mimkit.data.pixels applies them) -----------------------------------------------------------------
-def parse_floats(text: str, option: str) -> List[float]:
-    try:
-        values = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{option} must be comma-separated numbers, got {text!r}") from None
-    if not values or not all(math.isfinite(v) for v in values):
-        raise ConfigError(f"{option} must be finite comma-separated numbers, got {text!r}")
-    return values
-
-
-def check_pixel_options(in_chans: int, value_range: str, mean: str, std: str):
-    """One-line errors for the options alone, before any file is read."""
-    if in_chans < 0:
-        raise ConfigError(f"--in-chans must be >= 0 (0: from the data), got {in_chans}")
-    if value_range:
-        parts = [p.strip() for p in str(value_range).split(",")]
-        if len(parts) != 2:
-            raise ConfigError(f"--value-range must be LOW,HIGH or pA,pB (percentiles), got {value_range!r}")
-        if all(p.lower().startswith("p") for p in parts):
-            a, b = parse_floats(",".join(p[1:] for p in parts), "--value-range")
-            if not 0 <= a < b <= 100:
-                raise ConfigError(f"--value-range percentiles must satisfy 0 <= A < B <= 100, got {value_range!r}")
-        else:
-            lo, hi = parse_floats(value_range, "--value-range")
-            if not lo < hi:
-                raise ConfigError(f"--value-range needs LOW < HIGH, got {value_range!r}")
-    for name, text in (("--mean", mean), ("--std", std)):
-        if text and text != "auto":
-            values = parse_floats(text, name)
-            if in_chans and len(values) != in_chans:
-                raise ConfigError(f"{name} has {len(values)} value(s) but --in-chans is {in_chans}")
-            if name == "--std" and min(values) <= 0:
-                raise ConfigError(f"--std values must be > 0, got {text!r}")
+# pixel options: parsed by mimkit.pixels (the one parser; the data layer resolves the spec from the same parse)
+def pixel_options(cfg) -> PixelOptions:
+    """A command's pixel options parsed (one-line ConfigErrors before any file is read)."""
+    return parse_pixel_options(cfg.in_chans, cfg.value_range, cfg.mean, cfg.std, cfg.band_names, cfg.bands)
 
 
 # loading ----------------------------------------------------------------------------------------

@@ -68,22 +68,23 @@ def _device(name: str) -> torch.device:
 
 
 def embed(checkpoint, images, out, *, pool: str = "cls", img_size: int = 0, batch_size: int = 64,
-          device: str = "auto", num_workers: Optional[int] = None) -> dict:
+          device: str = "auto", num_workers: Optional[int] = None, band_names: str = "") -> dict:
     """Features of every image of ``images`` (a folder, a .tar of one, or 'builtin') to ``out`` (.npy), in the
     source's sorted order, with the image names, one a line, in ``out`` with a ``.txt`` suffix.
 
     Images that cannot be decoded are skipped (and warned about); the names file lists exactly the rows
-    written. ``img_size`` 0 uses the checkpoint's resolution. Returns {features, names, shape}.
+    written. ``img_size`` 0 uses the checkpoint's resolution; ``band_names`` (else the TIFF's band descriptions)
+    meet the checkpoint's by name. Returns {features, names, shape}.
     """
     from .checkpoints import load
-    from .data import encoder_pixels, make_loader, open_images, reuse_pixels
+    from .data import make_loader, open_images, reuse_pixels
     model = load(checkpoint)
     enc = _encoder(model)
     dev = _device(device)
     enc.to(dev)
     size = img_size or enc.arch["img_size"]
     source = open_images(images)
-    pixels = reuse_pixels(encoder_pixels(enc.arch, enc.in_chans), source, range(len(source)))  # the checkpoint's
+    pixels = reuse_pixels(enc.pixels, source, range(len(source)), band_names=band_names)  # the checkpoint's
     loader = make_loader(source, list(range(len(source))), batch_size=batch_size, recipe="eval", img_size=size,
                          shuffle=False, device=dev, num_workers=num_workers, with_index=True, pixels=pixels)
     feats, index = [], []
@@ -116,4 +117,4 @@ def embed_command(cfg) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     return embed(cfg.checkpoint, cfg.images, cfg.out, pool=cfg.pool, img_size=cfg.img_size, batch_size=cfg.batch_size,
-                 device=cfg.device, num_workers=cfg.num_workers)
+                 device=cfg.device, num_workers=cfg.num_workers, band_names=cfg.band_names)

@@ -91,7 +91,8 @@ def _resolve_pixels(cfg, source, train_idx) -> PixelSpec:
         except (TypeError, KeyError, ValueError) as e:
             raise ConfigError(f"--pixels: not a pixel spec ({e}); leave it empty to resolve it from the data") from None
     else:
-        spec = resolve_pixels(source, train_idx, cfg.in_chans, cfg.value_range, cfg.mean, cfg.std)
+        spec = resolve_pixels(source, train_idx, cfg.in_chans, cfg.value_range, cfg.mean, cfg.std,
+                              band_names=cfg.band_names, bands=cfg.bands)
     rgb_only = getattr(get_objective(cfg.objective), "rgb_only", None)
     if spec.in_chans != 3 and rgb_only:
         raise ConfigError(f"--objective {cfg.objective} works on RGB images only ({rgb_only}); the data has "

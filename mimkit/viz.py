@@ -9,18 +9,19 @@ from torchvision.utils import make_grid, save_image
 from . import views
 from .errors import ConfigError
 from .files import write_json, write_via
+from .pixels import PixelSpec
 
 log = logging.getLogger("mimkit")
 
 
 @torch.no_grad()
-def reconstruction_panels(mae, images: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0, bands=None,
-                          keys=None, kind: str = "random") -> torch.Tensor:
-    """(B, 4, 3, H, W) in [0, 1]: original, masked input (hidden patches grey), reconstruction, pasted; N-channel
-    images shown as the false colour of ``bands``. Each image's mask comes from (seed, its key): ``keys`` are the
-    images' names, or their positions when None (:mod:`mimkit.views`)."""
+def reconstruction_panels(mae, images: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0,
+                          pixels: PixelSpec = None, keys=None, kind: str = "random") -> torch.Tensor:
+    """(B, 4, 3, H, W) in [0, 1]: original, masked input (hidden patches grey), reconstruction, pasted; shown by
+    ``pixels`` (default the encoder's spec: its statistics and red, green, blue roles). Each image's mask comes from
+    (seed, its key): ``keys`` are the images' names, or their positions when None (:mod:`mimkit.views`)."""
     keys = list(range(len(images))) if keys is None else keys
-    return views.reconstruction(mae, images, keys, mask_ratio, seed, kind, bands)["panels"]
+    return views.reconstruction(mae, images, keys, mask_ratio, seed, kind, pixels)["panels"]
 
 
 def _upscale(x: torch.Tensor, min_px: int = 128) -> torch.Tensor:
@@ -29,9 +30,9 @@ def _upscale(x: torch.Tensor, min_px: int = 128) -> torch.Tensor:
 
 
 def reconstruction_grid(mae, images: torch.Tensor, path, mask_ratio: float = 0.75, seed: int = 0,
-                        bands=None, keys=None, kind: str = "random") -> Path:
+                        pixels: PixelSpec = None, keys=None, kind: str = "random") -> Path:
     """One PNG, a row per image; small images are enlarged (nearest) so patches stay visible."""
-    panels = reconstruction_panels(mae, images, mask_ratio, seed, bands, keys, kind)
+    panels = reconstruction_panels(mae, images, mask_ratio, seed, pixels, keys, kind)
     return save_rows(panels, path)
 
 
@@ -77,7 +78,7 @@ def reconstruct(cfg) -> list:
     held-out ones with val_fraction."""
     from .checkpoints import load_mae
     from .errors import DataError
-    from .data import open_images, split_train_val, spread_over_classes
+    from .data import open_images, reuse_pixels, split_train_val, spread_over_classes
     norm_pix = {"auto": None, "normalised": True, "raw": False}[cfg.target]
     source = open_images(cfg.images)  # the images first: a bad --images fails before the weights are read
     if cfg.val_fraction > 0:
@@ -90,9 +91,8 @@ def reconstruct(cfg) -> list:
         scored = shown = spread_over_classes(source, range(len(source)), cfg.seed)[:cfg.num_images]
     mae, info = load_mae(cfg.checkpoint, allow_missing_decoder=False, norm_pix_loss=norm_pix)
     mae.eval()
-    pixels = views.model_pixels(mae.encoder)
-    bands = views.parse_bands(cfg.bands)
-    views.check_bands(bands, pixels.in_chans)
+    # the encoder's input spec, the data's bands matched to it by name, --bands as the colours shown
+    pixels = reuse_pixels(mae.encoder.pixels, source, scored, band_names=cfg.band_names, bands=cfg.bands)
     size = mae.encoder.arch["img_size"]
 
     def named(batches):  # each image's mask is keyed by its name (mimkit.views), as on the explore page
@@ -103,9 +103,9 @@ def reconstruct(cfg) -> list:
     out = Path(cfg.output)
     if cfg.grid:
         paths = [reconstruction_grid(mae, images, out / f"reconstruction-mask{cfg.mask_ratio:.2f}-seed{cfg.seed}.png",
-                                     cfg.mask_ratio, cfg.seed, bands, names, cfg.masking)]
+                                     cfg.mask_ratio, cfg.seed, pixels, names, cfg.masking)]
     else:
-        panels = reconstruction_panels(mae, images, cfg.mask_ratio, cfg.seed, bands, names, cfg.masking)
+        panels = reconstruction_panels(mae, images, cfg.mask_ratio, cfg.seed, pixels, names, cfg.masking)
         paths = []
         for name, row in zip(names, panels):
             # the file's path inside the folder, flattened: cat/0000.jpg and ship/0000.jpg must not share a figure
@@ -132,7 +132,7 @@ def viz(cfg) -> dict:
     classes) and the numbers behind it in a JSON beside it, computed by :mod:`mimkit.views` as the explore page
     computes them."""
     from .checkpoints import load
-    from .data import open_images, spread_over_classes
+    from .data import open_images, reuse_pixels, spread_over_classes
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     source = open_images(cfg.images)  # the images first: a bad --images fails before the weights are read
@@ -140,12 +140,12 @@ def viz(cfg) -> dict:
     encoder = model.encoder if hasattr(model, "encoder") else model
     views.check_vit(encoder)
     encoder.eval()
-    pixels, size, bands = views.model_pixels(encoder), encoder.arch["img_size"], views.parse_bands(cfg.bands)
-    views.check_bands(bands, pixels.in_chans)
     picks = spread_over_classes(source, range(len(source)), cfg.seed)[:cfg.num_images]
+    # the encoder's input spec, the data's bands matched to it by name, --bands as the colours shown
+    pixels, size = reuse_pixels(encoder.pixels, source, picks, bands=cfg.bands), encoder.arch["img_size"]
     images, index = zip(*views.load_images(source, picks, size, pixels))
     images, index = torch.cat(images), [i for batch in index for i in batch]
-    shown = views.display_images(images, pixels, bands)
+    shown = views.display_images(images, pixels)
     numbers = {"checkpoint": str(cfg.checkpoint), "images": str(cfg.images), "img_size": size}
     if cfg.action == "attention":
         maps = views.cls_attention(encoder, images, cfg.block)  # (B, heads, gh, gw)
@@ -184,7 +184,7 @@ def viz(cfg) -> dict:
             picks = [row[j]["index"] if j < len(row) else None for row in lists]
             got = {}
             for x, idx in views.load_images(source, [i for i in picks if i is not None], size, pixels):
-                got.update(zip(idx, views.display_images(x, pixels, bands)))
+                got.update(zip(idx, views.display_images(x, pixels)))
             columns.append(torch.stack([got.get(i, torch.ones_like(shown[0])) for i in picks]))
         numbers.update(pool=cfg.pool, k=cfg.k, index=cfg.index or "built", columns=["image"] + [
             f"neighbour {j + 1}" for j in range(cfg.k)], per_image=[

@@ -98,8 +98,8 @@ def test_linprobe_head_and_frozen_encoder(tmp_path, pretrained, monkeypatch):
 
     seen = {}
 
-    def capture(cfg):
-        enc, info = F.load_eval_encoder(cfg)
+    def capture(cfg, *data):
+        enc, info = F.load_eval_encoder(cfg, *data)
         seen["encoder"], seen["before"] = enc, {k: v.clone() for k, v in enc.state_dict().items()}
         return enc, info
 

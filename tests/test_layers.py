@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # lowest first; see DEVELOPING.md ("Layers")
 LAYERS = [
-    ("ground", ["mimkit.errors", "mimkit.files", "mimkit.precision", "mimkit.rundir", "mimkit.checkpoints.io",
+    ("ground", ["mimkit.errors", "mimkit.files", "mimkit.precision", "mimkit.rundir", "mimkit.checkpoints.io", "mimkit.pixels",
                 "mimkit.trackers"]),
     ("masking", ["mimkit.masking"]),
     ("models", ["mimkit.models"]),

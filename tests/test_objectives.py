@@ -14,7 +14,7 @@ from mimkit.models import MaskedAutoencoder, MaskedViT, patchify
 from mimkit.objectives import OBJECTIVES, build_objective
 from mimkit.objectives.beit import BEiTObjective
 from mimkit.models.igpt import Palette, PixelTransformer
-from mimkit.models.pixels import from_unit, to_unit
+from mimkit.pixels import PixelSpec
 from mimkit.objectives.igpt import IGPTObjective
 from mimkit.objectives.mae import MAEObjective
 from mimkit.objectives.simmim import SimMIMObjective
@@ -130,6 +130,9 @@ def test_igpt_bert_masks_15_percent():
 
 
 # targets on hand-made images -------------------------------------------------------------------------------
+from_unit, to_unit = PixelSpec().normalize, PixelSpec().denormalize  # the default spec: ImageNet's statistics
+
+
 def colour_image(colours, patch):
     """A 2x2-patch image, patch k filled with colours[k] (RGB in [0, 1]), normalised as the data pipeline does."""
     img = torch.zeros(1, 3, 2 * patch, 2 * patch)
@@ -141,10 +144,10 @@ def colour_image(colours, patch):
 
 def test_mean_colour_classes_are_3_bit_rgb():
     img = colour_image([(1, 0, 0), (0, 1, 0), (0, 0, 0), (1, 1, 1)], 4)
-    assert mean_colour_classes(img, 4).tolist() == [[7 * 64, 7 * 8, 0, 511]]
+    assert mean_colour_classes(to_unit(img), 4).tolist() == [[7 * 64, 7 * 8, 0, 511]]
     half = torch.full((1, 3, 4, 4), 0.2)
     half[..., :2] = 0.9  # half dark, half light: mean 0.55, level 4 (of 0..7) in every channel
-    assert mean_colour_classes(from_unit(half), 4).tolist() == [[4 * 64 + 4 * 8 + 4]]
+    assert mean_colour_classes(half, 4).tolist() == [[4 * 64 + 4 * 8 + 4]]
     assert to_unit(img).min() >= 0 and to_unit(img).max() <= 1
 
 
@@ -152,7 +155,7 @@ def test_mosaic_is_a_downsized_3_bit_patch():
     unit = torch.zeros(1, 3, 8, 8)
     unit[0, 0, :4, :4] = 1.0  # red top-left quarter
     unit[0, 2, 4:, 4:] = 0.3  # dim blue bottom-right quarter
-    m = mosaic_classes(from_unit(unit), 8, size=2)  # one 8 px patch -> 2x2 mosaic, (row, col, channel)
+    m = mosaic_classes(unit, 8, size=2)  # one 8 px patch -> 2x2 mosaic, (row, col, channel)
     assert m.shape == (1, 1, 12)
     assert m[0, 0].view(2, 2, 3).tolist() == [[[7, 0, 0], [0, 0, 0]], [[0, 0, 0], [0, 0, 2]]]
 
@@ -171,8 +174,8 @@ def test_palette_indices_and_kmeans():
     pal.centers.copy_(colours)
     img = colour_image(colours.tolist(), 4)  # 8x8: four 4x4 patches
     # downsampled to 4x4, each pixel is one colour block; raster order
-    assert pal.encode(img, 4).view(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
-    assert torch.allclose(pal.decode(pal.encode(img, 2), 2), colours.view(2, 2, 3).permute(2, 0, 1)[None])
+    assert pal.encode(img, 4, PixelSpec()).view(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    assert torch.allclose(pal.decode(pal.encode(img, 2, PixelSpec()), 2), colours.view(2, 2, 3).permute(2, 0, 1)[None])
     # k-means recovers four clusters of noisy pixels
     g = torch.Generator().manual_seed(0)
     pixels = (colours.repeat(500, 1) + 0.02 * torch.randn(2000, 3, generator=g)).clamp(0, 1)

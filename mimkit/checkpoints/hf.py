@@ -8,7 +8,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..data import encoder_pixels
 from ..errors import CheckpointError
 from ..files import write_json
 from ..models import MaskedAutoencoder, MaskedViT
@@ -158,6 +157,7 @@ def hf_config(mae: Optional[MaskedAutoencoder], enc: MaskedViT) -> dict:
         "decoder_intermediate_size": int(dec["decoder_dim"] * dec["mlp_ratio"]),
         "mask_ratio": dec["mask_ratio"], "norm_pix_loss": bool(dec["norm_pix_loss"]),
         **({"mimkit_pixels": dict(a["pixels"])} if a.get("pixels") else {}),  # how files map to the input
+        **({"band_names": list(enc.pixels.band_names)} if enc.pixels.band_names else {}),  # config.band_names
     }
 
 
@@ -179,7 +179,7 @@ def write_hf(mae: Optional[MaskedAutoencoder], enc: MaskedViT, out: Path) -> Pat
     save_safetensors(hf, out / "model.safetensors", {"mimkit_format": "hf"})
     write_json(out / "config.json", cfg)
     size = cfg["image_size"]
-    pixels = encoder_pixels(enc.arch, enc.in_chans)
+    pixels = enc.pixels
     write_json(out / "preprocessor_config.json", {  # 8-bit files: /255 as ViTImageProcessor does; other bit depths
         # map to [0, 1] by the range recorded in config.json's mimkit_pixels before the processor sees them
         "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},

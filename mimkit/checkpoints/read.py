@@ -36,6 +36,7 @@ from ..errors import CheckpointError
 from ..models import MaskedAutoencoder, MaskedViT, adapt_patch_projection
 from ..models.pos_embed import sincos_2d
 from ..models.presets import DECODERS
+from ..pixels import PixelSpec, match_bands
 from .hf import from_hf, is_hf
 from .io import check_state_dict, load_checkpoint, load_latest
 from .official import fold_linprobe_head, official_hints
@@ -268,6 +269,12 @@ def _encoder_arch(src: Source) -> Tuple[dict, dict]:
     if chans != 3:  # as MaskedViT records it
         arch["in_chans"] = int(chans)
     if src.hints.get("pixels"):  # the input spec the file carries (mimkit_arch, HF's config.json)
+        try:
+            stored = PixelSpec.from_dict(src.hints["pixels"], chans)
+            if stored.in_chans != chans:
+                raise ValueError(f"{stored.in_chans} channel(s) for weights of {chans}")
+        except (TypeError, ValueError) as e:
+            raise src.error(f"its stored pixel spec is not one ({e})") from None
         arch["pixels"] = dict(src.hints["pixels"])
     extra = {}
     if "encoder.head.weight" in t:
@@ -336,6 +343,7 @@ def _assign(module: nn.Module, src: Source, prefix: str = "", optional: Tuple[st
             raise src.error(f"the checkpoint's {what} has {theirs} blocks ({last!r} is the last) but the model's "
                             f"has {mine}")
     use, missing = {}, []
+    spec = getattr(module, "pixels", None) or getattr(getattr(module, "encoder", None), "pixels", None)
     for key, want in own.items():
         name = prefix + key
         if name not in src.tensors:
@@ -344,6 +352,8 @@ def _assign(module: nn.Module, src: Source, prefix: str = "", optional: Tuple[st
         v = src.tensors[name]
         if v.dtype != want.dtype and not (v.dtype.is_floating_point and want.dtype.is_floating_point):
             raise src.error(f"tensor {src.where(name)!r} has dtype {v.dtype}, expected {want.dtype}")
+        if refit and name.endswith("patch_embed.proj.weight") and spec is not None:
+            v = _fit_bands(name, v, want, src, spec)
         if tuple(v.shape) != tuple(want.shape):
             v = _refit_positions(name, v, want, src, refit)
             if v is None:  # the model's own freshly initialised tensor stays
@@ -356,6 +366,46 @@ def _assign(module: nn.Module, src: Source, prefix: str = "", optional: Tuple[st
     module.load_state_dict(use, strict=False)
     src.used |= {prefix + k for k in use}
     return missing
+
+
+def _fit_bands(name: str, v: torch.Tensor, want: torch.Tensor, src: Source, spec: PixelSpec) -> torch.Tensor:
+    """A patch projection made to meet the model's bands (``spec``, the model's pixel spec), before any shape rule:
+    by name when the checkpoint and the model both name their bands (reordered; another band set is an error
+    naming both lists), and RGB weights by role when the model gives red, green and blue
+    (:func:`mimkit.models.adapt_patch_projection`), each band's source logged. Anything else passes as it is
+    (timm's position rule follows for another channel count, with a warning saying how to give roles)."""
+    if v.ndim != 4 or want.ndim != 4 or v.shape[0] != want.shape[0] or v.shape[2:] != want.shape[2:]:
+        return v  # another width or patch size: the shape error names it
+    try:
+        theirs = PixelSpec.from_dict(src.hints.get("pixels"), v.shape[1])
+    except (TypeError, ValueError):
+        theirs = PixelSpec.from_dict(None, v.shape[1])
+    what = src.where(name)
+    if theirs.band_names and spec.band_names:
+        try:
+            order = match_bands(spec.band_names, theirs.band_names, ("the model's", "the checkpoint's"))
+        except ValueError as e:
+            raise src.error(str(e)) from None
+        if order:
+            src.notes.append(f"{what}: bands by name, the checkpoint's {','.join(theirs.band_names)} reordered to "
+                             f"the model's {','.join(spec.band_names)}")
+            return v[:, list(order)]
+        return v
+    source_rgb = theirs.rgb or (0, 1, 2)
+    is_rgb = v.shape[1] == 3 and (theirs.rgb or not theirs.band_names)  # named non-RGB bands have no colour roles
+    if is_rgb and spec.rgb and (want.shape[1] != 3 or tuple(spec.rgb) != tuple(source_rgb)):
+        c, scale = want.shape[1], 3 / want.shape[1]
+        roles = dict(zip(spec.rgb, ("red", "green", "blue")))
+        lines = [f"{spec.band(i)} <- {roles[i] + ' kernel' if i in roles else 'mean of the red, green, blue kernels'}"
+                 for i in range(c)]
+        src.notes.append(f"{what}: RGB weights by role, each band's kernel x {scale:.4g} (3/{c}, so the kernels sum "
+                         f"as RGB's did): " + "; ".join(lines))
+        return adapt_patch_projection(v, c, rgb=spec.rgb, source_rgb=source_rgb)
+    if is_rgb and want.shape[1] > 3:
+        log.warning("%s: RGB weights for %d bands by position (band i takes RGB kernel i mod 3); give the red, "
+                    "green and blue bands with --bands (e.g. --bands B04,B03,B02 or 3,2,1) to start each from its "
+                    "own colour's kernel", src.path, want.shape[1])
+    return v
 
 
 def _refit_positions(name: str, v: torch.Tensor, want: torch.Tensor, src: Source, refit: bool

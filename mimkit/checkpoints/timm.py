@@ -3,16 +3,19 @@ file or folder ``timm.create_model`` loads on the way out. timm's names are mimk
 import json
 from pathlib import Path
 
-from ..data import encoder_pixels
 from ..files import write_json
 from ..models import MaskedViT
 from .io import save_checkpoint, save_safetensors, tensor_copies
 
 
 def timm_hints(cfg: dict) -> dict:
-    """What a timm folder's ``config.json`` says that the weights do not: the attention heads."""
+    """What a timm folder's ``config.json`` says that the weights do not: the attention heads, and the pixel spec
+    mimkit's export records at its top level (band names included)."""
     args = cfg.get("model_args") or {}
-    return {"num_heads": args["num_heads"]} if "num_heads" in args else {}
+    hints = {"num_heads": args["num_heads"]} if "num_heads" in args else {}
+    if isinstance(cfg.get("mimkit_pixels"), dict):
+        hints["pixels"] = cfg["mimkit_pixels"]
+    return hints
 
 
 def encoder_arch(enc: MaskedViT) -> dict:
@@ -41,7 +44,12 @@ def write_timm(enc: MaskedViT, out: Path) -> Path:
     save_safetensors(sd, out / "model.safetensors", meta)
     model_args = {k: arch[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
                                        "num_classes", "global_pool", "in_chans") if k in arch}
-    pixels = encoder_pixels(enc.arch, enc.in_chans)  # the statistics the encoder was trained with
+    pixels = enc.pixels  # the statistics the encoder was trained with
+    # the band names and the whole spec at the top level: timm keeps unknown top-level keys out of its way, while
+    # pretrained_cfg is a dataclass that refuses them (timm.create_model would fail)
+    extra = {"mimkit_pixels": enc.arch["pixels"]} if "pixels" in enc.arch else {}
+    if pixels.band_names:
+        extra["band_names"] = list(pixels.band_names)
     write_json(out / "config.json", {
         "architecture": timm_name(arch), "num_classes": arch["num_classes"], "num_features": arch["embed_dim"],
         "global_pool": arch["global_pool"], "model_args": model_args,
@@ -49,5 +57,5 @@ def write_timm(enc: MaskedViT, out: Path) -> Path:
                            "fixed_input_size": True, "interpolation": "bicubic", "crop_pct": 0.875,
                            "crop_mode": "center", "mean": list(pixels.mean), "std": list(pixels.std),
                            "num_classes": arch["num_classes"], "pool_size": None, "first_conv": "patch_embed.proj",
-                           "classifier": "head"}})
+                           "classifier": "head"}, **extra})
     return out

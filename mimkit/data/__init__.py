@@ -3,8 +3,8 @@ augmentation recipes, and a deterministic, resumable, DDP-shardable loader with 
 from .decode import decode_array, decode_image, load_image, to_rgb
 from .loader import (ImageCache, ImageDataset, Loader, benchmark_loader, build_cache, check_sample, collate, fit_images,
                      make_loader, resolve_workers)
-from .pixels import (PixelSpec, channel_stats, default_spec, encoder_pixels, load_input, resolve_pixels,
-                     reuse_pixels)
+from ..pixels import PixelSpec, default_spec
+from .inputs import channel_stats, encoder_pixels, load_input, resolve_pixels, reuse_pixels
 from .source import (IMG_EXTENSIONS, ImageSource, JoinedSource, ListSource, open_images, split_train_val,
                      spread_over_classes)
 from . import hfdata, shards  # noqa: E402,F401  (their sources register with open_images)

@@ -178,6 +178,29 @@ def _tiff(data: bytes) -> np.ndarray:
     return arr.reshape(arr.shape[0], arr.shape[1], -1) if others else arr
 
 
+def tiff_band_names(data: bytes):
+    """The band descriptions a GeoTIFF carries (GDAL's metadata tag, as rasterio and GDAL write them: an
+    ``Item name="DESCRIPTION" sample="i"`` per band), in band order; None when the file is no TIFF or names not
+    every band."""
+    if data[:4] not in _TIFF_MAGIC:
+        return None
+    import tifffile
+    import xml.etree.ElementTree as ET
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            text = tif.gdal_metadata
+        if not text:
+            return None
+        items = ET.fromstring(text).iter("Item")
+        names = {int(i.get("sample")): (i.text or "").strip() for i in items
+                 if i.get("name") == "DESCRIPTION" and i.get("sample") is not None}
+    except Exception:  # damaged metadata names nothing; the pixels are judged by decode_array
+        return None
+    if not names or sorted(names) != list(range(len(names))) or not all(names.values()):
+        return None
+    return tuple(names[i] for i in range(len(names)))
+
+
 def _numpy(data: bytes) -> np.ndarray:
     loaded = np.load(io.BytesIO(data), allow_pickle=False)  # a pickled object array is refused, never run
     if isinstance(loaded, np.lib.npyio.NpzFile):

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .decode import decode_tensor, load_image, pil_to_tensor, read_bytes
 from ..errors import BadImage, DataError
-from .pixels import PixelSpec, load_input
+from ..pixels import PixelSpec
+from .inputs import load_input
 from .source import ImageSource, open_images, split_train_val
 from .transforms import AUGS, RECIPES, BatchAugment, TensorTransform, batched_form, build_transform
 
@@ -77,7 +78,7 @@ class ImageDataset(Dataset):
     randomness seeded by ``seed`` (what :class:`Loader` uses). A file that cannot be used comes back as
     ``(None, name, reason)``, so that :func:`collate` drops it and the main process can report it.
     Images smaller than ``min_size`` (e.g. one patch) count as bad files. With a non-RGB ``pixels`` spec the
-    images are (C, H, W) tensors (:func:`mimkit.data.pixels.load_input`) and ``transform`` takes tensors.
+    images are (C, H, W) tensors (:func:`mimkit.data.inputs.load_input`) and ``transform`` takes tensors.
     """
 
     def __init__(self, source: ImageSource, indices=None, transform=None, min_size: int = 1, cache: ImageCache = None,
@@ -340,7 +341,7 @@ class Loader:
             for k in sorted(self.cache.bad):
                 self._skip(self.source.names[self.indices[k]], self.cache.bad[k])
 
-        if pixels is not None and not pixels.is_rgb8:  # the spec's statistics, for the batched and per-image paths
+        if pixels is not None:  # the spec's statistics, batched and per image (RGB files too: --mean auto)
             transform_kwargs = dict(transform_kwargs, mean=pixels.mean, std=pixels.std)
         form = batched_form(recipe, aug, transform_kwargs)
         self.batched = self.cache is not None and form is not None
@@ -444,7 +445,7 @@ def make_loader(source, indices=None, *, batch_size: int, recipe: str = "pretrai
     ``loader.skipped``; so a batch can be smaller than batch_size. with_index=True also yields source indices.
     Tar shards (a :class:`~mimkit.data.shards.ShardSource`) train through ``ShardLoader`` in ``streams`` read
     streams in all (0: processes x workers); see :mod:`mimkit.data.shards`.
-    pixels: how files become input (:class:`mimkit.data.pixels.PixelSpec`: channels, value range, mean/std);
+    pixels: how files become input (:class:`mimkit.pixels.PixelSpec`: channels, value range, mean/std);
     None is the 8-bit RGB default.
     """
     if not isinstance(source, ImageSource):

@@ -1,3 +1,2 @@
-"""Pixel statistics images are normalised with: the one home of the ImageNet mean and standard deviation."""
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+"""Moved: ImageNet's mean and std live in :mod:`mimkit.pixels`; importable from here for code written before."""
+from ..pixels import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401

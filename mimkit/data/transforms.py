@@ -13,9 +13,9 @@ from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from ..errors import ConfigError
-from .stats import IMAGENET_MEAN, IMAGENET_STD
+from ..pixels import IMAGENET_MEAN, IMAGENET_STD
 
-MEAN, STD = IMAGENET_MEAN, IMAGENET_STD  # the RGB default; other data bring their own (mimkit.data.pixels)
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD  # the RGB default; other data bring their own (mimkit.pixels.PixelSpec)
 RECIPES = ("pretrain", "finetune", "eval")
 AUGS = ("rrc", "none", "fixed_crop", "rrc_jitter")
 FINETUNE_SCALE = (0.08, 1.0)  # the fine-tuning crop's area range (timm's and MAE's) where none is given

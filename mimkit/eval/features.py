@@ -27,17 +27,21 @@ from ..features import extract_features
 from ..files import write_text
 from ..precision import autocast
 from ..models import MaskedAutoencoder, MaskedViT, create_mae
+from ..pixels import PixelSpec
 
 log = logging.getLogger("mimkit")
 
 
 # the encoder ----------------------------------------------------------------------------------------
-def load_eval_encoder(cfg) -> Tuple[MaskedViT, dict]:
+def load_eval_encoder(cfg, data=None, indices=None) -> Tuple[MaskedViT, dict]:
     """The encoder an evaluation config names, and a small description of where it came from.
 
     ``--checkpoint`` (a file, or a run directory: its newest checkpoint) gives the trained encoder;
     ``--random-init`` gives the same shape freshly initialised as its pretraining would start it
-    (shape from ``--model`` when given, else from the checkpoint).
+    (shape from ``--model`` when given, else from the checkpoint). RGB weights for data of another ``--in-chans``
+    are adapted by the checkpoint reader (RGB kernels by role where given): with the data given, the
+    adapted encoder's input is the data's spec (``data[indices]``), so ``--bands`` roles and ``--band-names``
+    shape the adaptation.
     """
     source = {"checkpoint": cfg.checkpoint or None, "random_init": bool(cfg.random_init)}
     if cfg.random_init and cfg.model:
@@ -50,7 +54,13 @@ def load_eval_encoder(cfg) -> Tuple[MaskedViT, dict]:
     encoder = load_encoder(checkpoint)
     if cfg.in_chans and cfg.in_chans != encoder.in_chans:  # RGB weights for N-channel data: adapt the projection
         arch = {k: v for k, v in encoder.arch.items() if k != "pixels"}
-        encoder = load_encoder(read(cfg.checkpoint), model=MaskedViT(**dict(arch, in_chans=cfg.in_chans)))
+        pixels = None
+        if data is not None:  # the data's own spec (statistics 'auto' unless given), band names and roles
+            from ..data import resolve_pixels
+            pixels = resolve_pixels(data, indices, cfg.in_chans, cfg.value_range, cfg.mean or "auto",
+                                    cfg.std or "auto", band_names=cfg.band_names, bands=cfg.bands)
+        encoder = load_encoder(read(cfg.checkpoint), model=MaskedViT(**dict(arch, in_chans=cfg.in_chans,
+                                                                            pixels=pixels)))
         source["adapted_in_chans"] = cfg.in_chans
     if cfg.random_init:
         encoder = _fresh_encoder_like(checkpoint.kind, checkpoint.arch, encoder)
@@ -154,7 +164,7 @@ def _feature_key(encoder, source, indices, pool, img_size, precision, pixels=Non
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     h.update(json.dumps([str(source.root), pool, img_size, precision, len(indices)]).encode())
-    if pixels is not None and not pixels.is_rgb8:  # RGB keys stay as they were
+    if pixels is not None and pixels != PixelSpec():  # the default's keys stay as they were
         h.update(json.dumps(pixels.to_dict()).encode())
     root = Path(source.root)
     for i in indices:
@@ -265,13 +275,14 @@ def image_loader(source, indices, cfg, env, *, recipe: str = "eval", img_size: i
 
 def eval_pixels(cfg, encoder: MaskedViT, source, indices):
     """How the evaluated encoder's input is made: the spec its checkpoint records (channels, value range,
-    mean/std), with --in-chans/--value-range/--mean/--std given here in its place; the files checked against it."""
-    from ..data import encoder_pixels, reuse_pixels
-    stored = encoder_pixels(encoder.arch, encoder.in_chans)
+    mean/std, bands by name), with --in-chans/--value-range/--mean/--std/--bands given here in its place; the
+    files checked against it, their bands matched to the encoder's by name (``mimkit.data.reuse_pixels``)."""
+    from ..data import reuse_pixels
     mean, std = cfg.mean, cfg.std
     if "pixels" not in encoder.arch and encoder.in_chans != 3 and not (mean or std):
         mean = std = "auto"  # N-channel weights that record no statistics (adapted RGB ones): the data's own
-    return reuse_pixels(stored, source, indices, cfg.in_chans, cfg.value_range, mean, std)
+    return reuse_pixels(encoder.pixels, source, indices, cfg.in_chans, cfg.value_range, mean, std,
+                        cfg.band_names, cfg.bands)
 
 
 def eval_img_size(cfg, encoder: MaskedViT) -> int:

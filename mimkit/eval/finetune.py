@@ -131,9 +131,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
     if mixing and cfg.batch_size % 2:
         raise ConfigError(f"mixup / cutmix pair images within a batch: --batch-size must be even, got {cfg.batch_size}")
-    encoder, source_info = load_eval_encoder(cfg)
+    source, train_idx, val_idx, n_classes = eval_data(cfg)  # first: RGB weights adapt to its bands
+    encoder, source_info = load_eval_encoder(cfg, source, train_idx + val_idx)
     img_size = eval_img_size(cfg, encoder)
-    source, train_idx, val_idx, n_classes = eval_data(cfg)
     pixels = eval_pixels(cfg, encoder, source, train_idx + val_idx)
 
     model = build_classifier(encoder, n_classes, global_pool=cfg.global_pool, drop_path=cfg.drop_path,

@@ -47,9 +47,9 @@ def knn(cfg: KnnConfig) -> dict:
     env = setup(cfg)
     rundir.prepare(cfg, "knn", env)  # a new folder, or refuse to overwrite another run
     seed_everything(cfg.seed)
-    encoder, source_info = load_eval_encoder(cfg)
+    source, train_idx, val_idx, n_classes = eval_data(cfg)  # first: RGB weights adapt to its bands
+    encoder, source_info = load_eval_encoder(cfg, source, train_idx + val_idx)
     img_size = eval_img_size(cfg, encoder)
-    source, train_idx, val_idx, n_classes = eval_data(cfg)
     encoder.to(env.device)
 
     pixels = eval_pixels(cfg, encoder, source, train_idx + val_idx)

@@ -60,10 +60,10 @@ def linprobe(cfg: LinprobeConfig) -> dict:
     env = setup(cfg)
     rundir.prepare(cfg, "linprobe", env)  # a new folder, or refuse to overwrite another run
     seed_everything(cfg.seed)
-    encoder, source_info = load_eval_encoder(cfg)
+    source, train_idx, val_idx, n_classes = eval_data(cfg)  # first: RGB weights adapt to its bands
+    encoder, source_info = load_eval_encoder(cfg, source, train_idx + val_idx)
     freeze(encoder).to(env.device)
     img_size = eval_img_size(cfg, encoder)
-    source, train_idx, val_idx, n_classes = eval_data(cfg)
 
     # every process computes all features (simple; the probe's batches are then sharded by FeatureLoader)
     pixels = eval_pixels(cfg, encoder, source, train_idx + val_idx)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
-from .pixels import to_unit
+from ..pixels import PixelSpec
 
 
 class Palette(nn.Module):
@@ -49,9 +49,10 @@ class Palette(nn.Module):
         """(..., 3) pixels in [0, 1] -> (...) palette indices."""
         return _nearest(pixels.reshape(-1, 3).float(), self.centers.float())[0].reshape(pixels.shape[:-1])
 
-    def encode(self, images: torch.Tensor, resolution: int) -> torch.Tensor:
-        """Normalised (B, 3, H, W) -> (B, resolution**2) indices: area-downsample, then nearest colour, row-major."""
-        unit = to_unit(images)
+    def encode(self, images: torch.Tensor, resolution: int, pixels: PixelSpec) -> torch.Tensor:
+        """Normalised (B, 3, H, W) -> (B, resolution**2) indices: back to [0, 1] by the input's spec ``pixels``,
+        area-downsample, then nearest colour, row-major."""
+        unit = pixels.denormalize(images)
         if unit.shape[-1] != resolution or unit.shape[-2] != resolution:
             unit = F.interpolate(unit, size=(resolution, resolution), mode="area")
         return self.assign(unit.permute(0, 2, 3, 1)).flatten(1)
@@ -92,13 +93,18 @@ def _kmeans_pp(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
 
 class PixelTransformer(nn.Module):
     """iGPT's network, shaped like an encoder the evaluations can use: ``extract(imgs, pool)``, ``embed_dim``,
-    ``arch['img_size']``, ``patch_size`` (the downsampling factor) and ``in_chans`` (3: its palette is RGB)."""
+    ``arch['img_size']``, ``patch_size`` (the downsampling factor) and ``in_chans`` (3: its palette is RGB).
+    ``pixels``: the input's :class:`mimkit.pixels.PixelSpec` (or its stored dict; None: 8-bit RGB with ImageNet's
+    statistics), by which images go back to the [0, 1] colours the palette holds; recorded in ``arch``."""
     in_chans = 3
 
     def __init__(self, img_size: int = 32, resolution: int = 16, palette_size: int = 512, embed_dim: int = 192,
                  depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0, causal: bool = True,
-                 feature_layer: Optional[int] = None, patch_size: Optional[int] = None):
+                 feature_layer: Optional[int] = None, patch_size: Optional[int] = None, pixels=None):
         super().__init__()
+        self.pixels = PixelSpec.from_dict(pixels, 3)
+        if self.pixels.in_chans != 3:
+            raise ValueError(f"iGPT's palette is of RGB colours; the pixel spec has {self.pixels.in_chans} channel(s)")
         if img_size % resolution or (patch_size is not None and patch_size * resolution != img_size):
             raise ValueError(f"the image size {img_size} must be the resolution {resolution} x the patch size")
         # patch_size: how many input pixels one sequence element stands for (what a ViT's patch size tells the
@@ -106,6 +112,8 @@ class PixelTransformer(nn.Module):
         self.arch = dict(img_size=img_size, resolution=resolution, palette_size=palette_size, embed_dim=embed_dim,
                          depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, causal=causal,
                          feature_layer=feature_layer, patch_size=img_size // resolution)
+        if pixels:
+            self.arch["pixels"] = self.pixels.to_dict()
         self.resolution, self.causal, self.embed_dim, self.num_features = resolution, causal, embed_dim, embed_dim
         self.feature_layer = feature_layer or max(1, depth // 2)
         self.palette = Palette(palette_size)
@@ -141,7 +149,7 @@ class PixelTransformer(nn.Module):
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images -> (B, resolution**2) palette indices, raster order."""
         with torch.autocast(images.device.type, enabled=False):
-            return self.palette.encode(images.float(), self.resolution)
+            return self.palette.encode(images.float(), self.resolution, self.pixels)
 
     def inputs(self, ids: torch.Tensor) -> torch.Tensor:
         """What the network reads for a sequence of ids: shifted right after a start token when autoregressive."""

@@ -1,21 +1,13 @@
-"""Pixel space: the input normalisation undone and redone (colour targets and iGPT's palette work on [0, 1] pixels).
+"""Moved: the input normalisation and its inverse are the run's pixel spec's (``mimkit.pixels.PixelSpec.normalize`` /
+``denormalize``; a model's spec is ``encoder.pixels``), not ImageNet's fixed numbers."""
+from ..pixels import IMAGENET_MEAN as IMAGE_MEAN, IMAGENET_STD as IMAGE_STD  # noqa: F401
 
-The data pipeline normalises with ImageNet's statistics, as MAE; timm's constants are the same numbers.
-"""
-import torch
-from timm.data import IMAGENET_DEFAULT_MEAN as IMAGE_MEAN, IMAGENET_DEFAULT_STD as IMAGE_STD
-
-__all__ = ["IMAGE_MEAN", "IMAGE_STD", "to_unit", "from_unit"]
+_MOVED = {"to_unit": "denormalize", "from_unit": "normalize"}
 
 
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """Undo the input normalisation: (B, 3, H, W) in [0, 1]."""
-    mean = images.new_tensor(IMAGE_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGE_STD).view(1, 3, 1, 1)
-    return (images.float() * std + mean).clamp(0, 1)
-
-
-def from_unit(pixels: torch.Tensor) -> torch.Tensor:
-    mean = pixels.new_tensor(IMAGE_MEAN).view(1, 3, 1, 1)
-    std = pixels.new_tensor(IMAGE_STD).view(1, 3, 1, 1)
-    return (pixels - mean) / std
+def __getattr__(name):
+    if name in _MOVED:
+        raise ImportError(f"mimkit.models.pixels.{name} is gone: use the run's pixel spec, "
+                          f"mimkit.pixels.PixelSpec.{_MOVED[name]} (a model's: encoder.pixels.{_MOVED[name]}), "
+                          f"which undoes the statistics the run used (PixelSpec() is ImageNet's)")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,6 +6,7 @@ name plus overrides, so every model is usable without the training scripts.
 from typing import Dict
 
 from .mae import MaskedAutoencoder
+from ..pixels import PixelSpec
 from .vit import MaskedViT
 
 ENCODERS: Dict[str, dict] = {
@@ -52,11 +53,13 @@ def default_decoder(name: str) -> dict:
 
 def encoder_overrides(cfg) -> dict:
     """The encoder options a command's config sets beyond the preset: ``img_size`` (0: the preset's), and the
-    input channels and pixel spec pretraining resolved from the data (``cfg.pixels``; empty for 8-bit RGB)."""
+    input channels and pixel spec pretraining resolved from the data (``cfg.pixels``, a stored spec; empty for
+    8-bit RGB)."""
     out = {"img_size": cfg.img_size} if getattr(cfg, "img_size", 0) else {}
     pixels = getattr(cfg, "pixels", None)
     if pixels:
-        out.update(in_chans=int(pixels["in_chans"]), pixels=dict(pixels))
+        spec = PixelSpec.from_dict(pixels)
+        out.update(in_chans=spec.in_chans, pixels=spec)
     return out
 
 

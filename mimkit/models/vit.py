@@ -16,6 +16,7 @@ from timm.layers import Attention as _TimmAttention
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
+from ..pixels import PixelSpec
 from .pos_embed import sincos_2d
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -54,20 +55,23 @@ def _low_precision(x: torch.Tensor) -> bool:
 
 class MaskedViT(VisionTransformer):
     """``in_chans``: input channels (any count; recorded in ``arch`` when not 3). ``pixels``: how files map to
-    this input (channels, value range, mean/std: :class:`mimkit.data.pixels.PixelSpec` as a dict), carried in
-    ``arch`` so checkpoints and exports keep it, as timm's ``pretrained_cfg`` keeps mean and std; None is the
-    8-bit RGB default with ImageNet's statistics."""
+    this input (a :class:`mimkit.pixels.PixelSpec`, or its stored dict), kept as ``self.pixels`` and recorded in
+    ``arch`` so checkpoints and exports carry it, as timm's ``pretrained_cfg`` keeps mean and std; None is the
+    default for ``in_chans`` (8-bit RGB with ImageNet's statistics), and is not recorded."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, num_classes: int = 0, global_pool: str = "token",
                  drop_path_rate: float = 0.0, fixed_pos_embed: bool = True, in_chans: int = 3,
-                 pixels: Optional[dict] = None, **kwargs):
+                 pixels=None, **kwargs):
         self.arch = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                          num_heads=num_heads, mlp_ratio=mlp_ratio)
         if in_chans != 3:  # RGB checkpoints keep their arch as before
             self.arch["in_chans"] = in_chans
+        self.pixels = PixelSpec.from_dict(pixels, in_chans)
+        if self.pixels.in_chans != in_chans:
+            raise ValueError(f"the pixel spec has {self.pixels.in_chans} channel(s), the encoder {in_chans}")
         if pixels:
-            self.arch["pixels"] = dict(pixels)
+            self.arch["pixels"] = self.pixels.to_dict()
         super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                          num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=num_classes, in_chans=in_chans,
                          global_pool=global_pool, drop_path_rate=drop_path_rate,
@@ -156,10 +160,20 @@ class MaskedViT(VisionTransformer):
         raise ValueError(f"pool must be one of cls, mean, all; got {pool!r}")
 
 
-def adapt_patch_projection(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """A patch projection (D, C, p, p) trained on C channels (RGB) for ``in_chans`` inputs, by timm's own rule for
-    its pretrained first convolutions (``timm.models.adapt_input_conv``): one channel takes the sum over R, G, B
-    (a grey image then gets the response the same grey as RGB had), more channels repeat R, G, B cyclically and
-    scale by 3 / in_chans (so the expected activation stays the same)."""
-    from timm.models import adapt_input_conv
-    return adapt_input_conv(in_chans, weight, base_chans=weight.shape[1])
+def adapt_patch_projection(weight: torch.Tensor, in_chans: int, rgb=None, source_rgb=(0, 1, 2)) -> torch.Tensor:
+    """A patch projection (D, 3, p, p) trained on RGB for ``in_chans`` inputs.
+
+    With ``rgb`` (the channels playing red, green, blue): the red, green and blue kernels (channels
+    ``source_rgb`` of ``weight``) go to those channels, every other channel starts from the mean of the three, and
+    all are scaled by 3 / in_chans, so that the kernels sum to what RGB's did (an even input gets the response it
+    got from the RGB model, as timm's rule keeps it). Without roles, timm's own rule for its pretrained first
+    convolutions (``timm.models.adapt_input_conv``): one channel takes the sum over R, G, B, more channels repeat
+    R, G, B cyclically (channel i gets RGB's i mod 3) and scale by 3 / in_chans."""
+    if rgb is None:
+        from timm.models import adapt_input_conv
+        return adapt_input_conv(in_chans, weight, base_chans=weight.shape[1])
+    w = weight.float()
+    out = w[:, list(source_rgb)].mean(1, keepdim=True).repeat(1, in_chans, 1, 1)
+    for src, dst in zip(source_rgb, rgb):
+        out[:, dst] = w[:, src]
+    return (out * (3 / in_chans)).to(weight.dtype)

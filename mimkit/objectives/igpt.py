@@ -33,7 +33,6 @@ from ..data import fit_images
 from ..errors import ConfigError
 from ..masking import random_masking, uniform
 from ..models.igpt import PixelTransformer
-from ..models.pixels import to_unit
 from .base import ObjectiveOptions, check_fraction, check_positive, masked_mean, resolve_mask_ratio
 
 log = logging.getLogger("mimkit")
@@ -80,7 +79,7 @@ class IGPTObjective(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, options: IGPTOptions) -> "IGPTObjective":
-        from ..models.presets import encoder_preset
+        from ..models.presets import encoder_overrides, encoder_preset
         try:
             preset = encoder_preset(cfg.model)
         except ValueError as e:
@@ -97,9 +96,12 @@ class IGPTObjective(nn.Module):
         net = PixelTransformer(img_size=img_size, resolution=res, palette_size=options.palette_size,
                                embed_dim=preset["embed_dim"], depth=preset["depth"], num_heads=preset["num_heads"],
                                mlp_ratio=preset.get("mlp_ratio", 4.0), causal=options.mode == "ar",
-                               feature_layer=layer)
-        images = fit_images(cfg.data, cfg.val_fraction, options.palette_images, img_size)
-        pixels = F.interpolate(to_unit(images), size=(res, res), mode="area").permute(0, 2, 3, 1).reshape(-1, 3)
+                               feature_layer=layer, pixels=encoder_overrides(cfg).get("pixels"))
+        # the palette is fitted on the true colours: the training images normalised as the run normalises them,
+        # and back through the same spec (what net.tokens does to every batch)
+        images = fit_images(cfg.data, cfg.val_fraction, options.palette_images, img_size, net.pixels)
+        pixels = F.interpolate(net.pixels.denormalize(images), size=(res, res), mode="area")
+        pixels = pixels.permute(0, 2, 3, 1).reshape(-1, 3)
         if pixels.shape[0] < options.palette_size:
             raise ConfigError(f"--objective-args: palette_size {options.palette_size} needs at least that many pixels; "
                               f"{cfg.data} gives {pixels.shape[0]} at resolution {res} (raise palette_images)")

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import opt
-from ..data import PixelSpec, fit_images
+from ..data import fit_images
 from ..errors import ConfigError
 from ..masking import MASKINGS, draw_mask, mask_to_ids
 from ..models import MaskedAutoencoder, create_mae, encoder_overrides, patchify
@@ -131,7 +131,7 @@ class MAEObjective(nn.Module):
                   min_block=options.min_block, tokenizer=tok)
         if obj.pca is not None:
             images = fit_images(cfg.data, cfg.val_fraction, options.pca_images, model.encoder.arch["img_size"],
-                                PixelSpec.from_dict(cfg.pixels) if cfg.pixels else None)
+                                model.encoder.pixels)
             obj.pca.fit(patchify(images, model.patch_size))
         return obj
 

@@ -1,4 +1,6 @@
-"""What the lineage objectives predict, all computed from the normalised input batch, without gradient.
+"""What the lineage objectives predict, computed without gradient from the input batch: pixel targets from the
+normalised batch, colour targets from true [0, 1] pixels (the batch back through the run's pixel spec,
+``encoder.pixels.denormalize``: the one inverse of the input normalisation).
 
 - ``pixel_target``: MAE's patches of pixels, optionally normalised per patch (``models.normalize_patches``,
   the one MAE's own loss uses);
@@ -13,7 +15,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models import normalize_patches, patchify
-from ..models.pixels import to_unit
 
 __all__ = ["pixel_target", "quantize", "mean_colour_classes", "mosaic_classes", "PCATarget"]
 
@@ -31,22 +32,23 @@ def quantize(unit: torch.Tensor, bits: int) -> torch.Tensor:
     return (unit * levels).floor().clamp_(0, levels - 1).long()
 
 
-def mean_colour_classes(images: torch.Tensor, patch: int, bits: int = 3) -> torch.Tensor:
+def mean_colour_classes(unit: torch.Tensor, patch: int, bits: int = 3) -> torch.Tensor:
     """The ViT paper's first target: each patch's mean colour at ``bits`` per channel, one class of
-    2**(3*bits) (512 for 3 bits), numbered r * 64 + g * 8 + b. (B, L) long."""
-    mean = F.avg_pool2d(to_unit(images), patch)  # (B, 3, gh, gw)
+    2**(3*bits) (512 for 3 bits), numbered r * 64 + g * 8 + b. ``unit``: (B, 3, H, W) pixels in [0, 1]. (B, L) long."""
+    mean = F.avg_pool2d(unit, patch)  # (B, 3, gh, gw)
     q = quantize(mean, bits)
     levels = 2 ** bits
     cls = (q[:, 0] * levels + q[:, 1]) * levels + q[:, 2]
     return cls.flatten(1)
 
 
-def mosaic_classes(images: torch.Tensor, patch: int, size: int = 4, bits: int = 3) -> torch.Tensor:
+def mosaic_classes(unit: torch.Tensor, patch: int, size: int = 4, bits: int = 3) -> torch.Tensor:
     """The ViT paper's second target: each patch downsized to ``size`` x ``size`` at ``bits`` per channel,
-    (B, L, size*size*3) levels in (row, col, channel) order, each predicted as one of 2**bits classes."""
+    (B, L, size*size*3) levels in (row, col, channel) order, each predicted as one of 2**bits classes.
+    ``unit``: (B, 3, H, W) pixels in [0, 1]."""
     if patch % size:
         raise ValueError(f"the mosaic size {size} must divide the patch size {patch}")
-    small = F.avg_pool2d(to_unit(images), patch // size)  # (B, 3, gh*size, gw*size)
+    small = F.avg_pool2d(unit, patch // size)  # (B, 3, gh*size, gw*size)
     return patchify(quantize(small, bits), size)
 
 

@@ -107,11 +107,12 @@ class ViTMPPObjective(MaskTokenObjective):
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         p = self.encoder.patch_size
+        if self.target == "pixels":
+            return pixel_target(images, p, normalize=False)
+        unit = self.encoder.pixels.denormalize(images)  # colours on the true pixels, by the run's statistics
         if self.target == "mean_colour":
-            return mean_colour_classes(images, p, self.bits)
-        if self.target == "mosaic":
-            return mosaic_classes(images, p, self.mosaic_size, self.bits)
-        return pixel_target(images, p, normalize=False)
+            return mean_colour_classes(unit, p, self.bits)
+        return mosaic_classes(unit, p, self.mosaic_size, self.bits)
 
     def forward(self, images, labels=None, rng=None):
         p = self.encoder.patch_size
