@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler
 
-from .checkpoints.io import check_state_dict, load_latest, prune_checkpoints, save_checkpoint
+from .checkpoint_files import check_state_dict, load_latest, prune_checkpoints, save_checkpoint
 from .errors import ConfigError, DivergedError, Preempted
 from .precision import autocast, resolve as resolve_precision
 from .rundir import run_id as read_run_id

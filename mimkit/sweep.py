@@ -37,7 +37,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .checkpoints.io import list_checkpoints, load_checkpoint
+from .checkpoint_files import list_checkpoints, load_checkpoint
 from .files import write_json, write_text, write_via
 from .config import (FinetuneConfig, KnnConfig, LinprobeConfig, PretrainConfig, RunOptions, SweepConfig, TokenizerConfig, load_config, option_fields, save_config)
 from .errors import ConfigError

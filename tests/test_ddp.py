@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimkit.checkpoints.io import list_checkpoints, load_checkpoint
+from mimkit.checkpoint_files import list_checkpoints, load_checkpoint
 
 RUNNER = Path(__file__).with_name("ddp_runner.py")
 ROOT = Path(__file__).resolve().parents[1]

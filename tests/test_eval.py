@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mimkit.checkpoints.io import load_latest, save_checkpoint
+from mimkit.checkpoint_files import load_latest, save_checkpoint
 from mimkit.config import FinetuneConfig, KnnConfig, LinprobeConfig, load_config
 from mimkit.eval import features as F
 from mimkit.eval.finetune import build_classifier, finetune, finetune_optimizer

@@ -7,7 +7,7 @@ import torch
 import yaml
 from PIL import Image
 
-from mimkit.checkpoints.io import load_latest
+from mimkit.checkpoint_files import load_latest
 from mimkit.cli import main as cli
 from mimkit.config import PretrainConfig, load_config, opt
 from mimkit.errors import ConfigError

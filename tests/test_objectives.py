@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mimkit.checkpoints.io import load_latest
+from mimkit.checkpoint_files import load_latest
 from mimkit.cli import main as cli
 from mimkit.config import PretrainConfig, load_config
 from mimkit.errors import ConfigError

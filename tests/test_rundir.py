@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mimkit import cli, rundir
-from mimkit.checkpoints.io import (checkpoint_run_id, list_checkpoints, load_checkpoint, prune_checkpoints,
+from mimkit.checkpoint_files import (checkpoint_run_id, list_checkpoints, load_checkpoint, prune_checkpoints,
                                    save_checkpoint)
 from mimkit.config import FinetuneConfig, LinprobeConfig, PretrainConfig, TokenizerConfig, load_config
 from mimkit.errors import ConfigError

@@ -37,7 +37,7 @@ from ..models import MaskedAutoencoder, MaskedViT, adapt_patch_projection
 from ..models.pos_embed import sincos_2d
 from ..models.presets import DECODERS
 from .hf import from_hf, is_hf
-from .io import check_state_dict, load_checkpoint, load_latest
+from ..checkpoint_files import check_state_dict, load_checkpoint, load_latest
 from .official import fold_linprobe_head, official_hints
 from .source import Source
 from .timm import timm_hints
@@ -414,7 +414,7 @@ def _report(info: dict, quiet_prefixes: Tuple[str, ...] = ()):
 def _objective(src: Source):
     """A mimkit checkpoint's objective rebuilt from its stored arch, every tensor loaded (None: kind unknown)."""
     # checkpoints sit above objectives (DEVELOPING.md's layers): a model exactly as trained needs its objective;
-    # imported on use so that objectives may read their own files (a BEiT tokenizer) through checkpoints.io
+    # imported on use so that objectives may read their own files (a BEiT tokenizer) through checkpoint_files
     from ..objectives import OBJECTIVES
     if src.raw is None or src.kind not in OBJECTIVES:
         return None

@@ -127,7 +127,7 @@ def features_for(encoder: MaskedViT, source, indices, cfg, env, img_size: int, p
     The key hashes the encoder's weights, the images (names, sizes, modification times), the pooling, size and
     precision, so k-NN and the linear probe of one checkpoint compute features once, and nothing stale is read.
     """
-    from ..checkpoints.io import save_checkpoint
+    from ..checkpoint_files import save_checkpoint
     cache_dir = Path(os.path.expanduser(cfg.feature_cache)) if cfg.feature_cache else None
     path = None
     if cache_dir is not None:
