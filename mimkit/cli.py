@@ -5,23 +5,34 @@ import sys
 import typing
 
 from . import config as C
+from .bench import bench
+from .checkpoints.export import export_command
+from .data.shards import shards_command
+from .eval.finetune import finetune
+from .eval.knn import knn
+from .eval.linprobe import linprobe
+from .features import embed_command
+from .pretrain import pretrain
+from .sweep import sweep
+from .tokenizer import tokenizer_command
+from .viz import reconstruct
 
-# name -> (options class, "module:function" run with the loaded config, one-line help)
+# name -> (options class, the API function run with the loaded config, one-line help)
 COMMANDS = {
-    "pretrain": (C.PretrainConfig, "mimkit.pretrain:pretrain", "pretrain an encoder with a masked-image objective"),
-    "knn": (C.KnnConfig, "mimkit.eval.knn:knn", "weighted k-NN accuracy on frozen features"),
-    "linprobe": (C.LinprobeConfig, "mimkit.eval.linprobe:linprobe", "linear probe on frozen features"),
-    "finetune": (C.FinetuneConfig, "mimkit.eval.finetune:finetune", "fine-tune the encoder end to end"),
-    "reconstruct": (C.ReconstructConfig, "mimkit.viz:reconstruct", "figures of masked images and their reconstructions"),
-    "export": (C.ExportConfig, "mimkit.checkpoints.export:export_command",
+    "pretrain": (C.PretrainConfig, pretrain, "pretrain an encoder with a masked-image objective"),
+    "knn": (C.KnnConfig, knn, "weighted k-NN accuracy on frozen features"),
+    "linprobe": (C.LinprobeConfig, linprobe, "linear probe on frozen features"),
+    "finetune": (C.FinetuneConfig, finetune, "fine-tune the encoder end to end"),
+    "reconstruct": (C.ReconstructConfig, reconstruct, "figures of masked images and their reconstructions"),
+    "export": (C.ExportConfig, export_command,
                "write weights as timm, Hugging Face ViTMAE or official MAE checkpoints"),
-    "embed": (C.EmbedConfig, "mimkit.features:embed_command", "features of a folder of images, to a .npy file"),
-    "tokenizer": (C.TokenizerConfig, "mimkit.tokenizer:tokenizer_command",
+    "embed": (C.EmbedConfig, embed_command, "features of a folder of images, to a .npy file"),
+    "tokenizer": (C.TokenizerConfig, tokenizer_command,
                   "train a discrete visual tokenizer (VQ-VAE) for BEiT: mimkit tokenizer train"),
-    "sweep": (C.SweepConfig, "mimkit.sweep:sweep", "pretrain and evaluate a grid or list of runs; a table and plots"),
-    "shards": (C.ShardsConfig, "mimkit.data.shards:shards_command",
+    "sweep": (C.SweepConfig, sweep, "pretrain and evaluate a grid or list of runs; a table and plots"),
+    "shards": (C.ShardsConfig, shards_command,
                "write images as webdataset tar shards for streaming (--data 'OUT/shard-{000000..000009}.tar')"),
-    "bench": (C.BenchConfig, "mimkit.bench:bench", "time pretraining steps against the peers (HF ViTMAE, lightly)"),
+    "bench": (C.BenchConfig, bench, "time pretraining steps against the peers (HF ViTMAE, lightly)"),
 }
 
 
@@ -101,12 +112,6 @@ def _positionals(parser, args: dict, extra: list) -> dict:
     return args
 
 
-def _resolve(target: str):
-    import importlib
-    module, fn = target.split(":")
-    return getattr(importlib.import_module(module), fn)
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -124,14 +129,14 @@ def main(argv=None) -> int:
         from .objectives import describe
         print(describe())
         return 0
-    cls, target, _ = COMMANDS[command]
+    cls, run, _ = COMMANDS[command]
     from .errors import CheckpointError, ConfigError, DataError, DivergedError, Preempted
     try:
         path = args.pop("config", None)
         if path is None and cls is C.SweepConfig:  # `mimkit sweep CONFIG`: the bare argument is the YAML file
             path = args.pop("file", None)
         cfg = C.load_config(cls, path, args)
-        _resolve(target)(cfg)
+        run(cfg)
     except (ConfigError, DataError, CheckpointError, DivergedError) as e:
         print(f"mimkit {command}: error: {e}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
 from .checkpoint_files import check_state_dict, load_latest, prune_checkpoints, save_checkpoint
@@ -238,6 +239,13 @@ class TrainResult:
     bad_steps: int
     seconds: float
     skipped_files: dict = field(default_factory=dict)
+
+
+def pretrain_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """MAE's AdamW (betas 0.9, 0.95) with timm's parameter groups (no decay on norms, biases, tokens, position
+    embeddings); fused: one kernel over all parameters, 3-4x faster than the per-tensor loop on the CPU
+    (`mimkit bench`)."""
+    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=True)
 
 
 def effective_lr(cfg, env: Env) -> float:

@@ -41,6 +41,7 @@ from .checkpoint_files import list_checkpoints, load_checkpoint
 from .files import write_json, write_text, write_via
 from .config import (FinetuneConfig, KnnConfig, LinprobeConfig, PretrainConfig, RunOptions, SweepConfig, TokenizerConfig, load_config, option_fields, save_config)
 from .errors import ConfigError
+from .flops import counted_flops
 
 log = logging.getLogger("mimkit")
 EVAL_CONFIGS = {"knn": KnnConfig, "linprobe": LinprobeConfig, "finetune": FinetuneConfig}
@@ -147,7 +148,6 @@ def _read_json(path: Path) -> Optional[dict]:
 
 def train_flops_per_image(kind: str, arch: dict, img_size: int) -> float:
     """Forward + backward FLOPs of one training image for the objective ``kind`` with ``arch``."""
-    from .bench.measure import counted_flops
     from .objectives import OBJECTIVES
     objective = OBJECTIVES[kind].build(arch).train()
     for m in objective.modules():  # the counter sees attention's matmuls only outside fused kernels

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # lowest first; see DEVELOPING.md ("Layers")
 LAYERS = [
     ("ground", ["mimkit.errors", "mimkit.files", "mimkit.precision", "mimkit.rundir", "mimkit.checkpoint_files",
-                "mimkit.trackers"]),
+                "mimkit.trackers", "mimkit.flops"]),
     ("masking", ["mimkit.masking"]),
     ("models", ["mimkit.models"]),
     ("config", ["mimkit.config"]),
