@@ -201,6 +201,9 @@ class FinetuneConfig(EvalOptions, OptimOptions, EngineOptions):
             raise ConfigError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
         if not 0 < self.crop_scale <= 1:
             raise ConfigError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            raise ConfigError(f"mixup / cutmix pair images within a batch: --batch-size must be even, got "
+                              f"{self.batch_size}")
 
 
 @dataclass

@@ -1,5 +1,4 @@
 """Evaluations: k-NN vote, linear probe (frozen encoder), fine-tuning (partial, layer decay), CLI."""
-import importlib
 import json
 import math
 
@@ -98,13 +97,14 @@ def test_linprobe_head_and_frozen_encoder(tmp_path, pretrained, monkeypatch):
 
     seen = {}
 
+    load = F.load_eval_encoder
+
     def capture(cfg):
-        enc, info = F.load_eval_encoder(cfg)
+        enc, info = load(cfg)
         seen["encoder"], seen["before"] = enc, {k: v.clone() for k, v in enc.state_dict().items()}
         return enc, info
 
-    # the module, not the function of the same name that mimkit.eval exports
-    monkeypatch.setattr(importlib.import_module("mimkit.eval.linprobe"), "load_eval_encoder", capture)
+    monkeypatch.setattr(F, "load_eval_encoder", capture)  # what open_evaluation calls
     cfg = load_config(LinprobeConfig, overrides=common(tmp_path, checkpoint=str(run), epochs=2, warmup_epochs=1,
                                                        batch_size=128, lr=0.5))
     res = linprobe(cfg)
@@ -204,10 +204,10 @@ def test_finetune_last_block_only(tmp_path, pretrained):
 
 
 def test_finetune_rejects_odd_batch_with_mixup(tmp_path):
+    """When the options are read, before any work (the check sits in FinetuneConfig.validate)."""
     from mimkit.errors import ConfigError
-    cfg = load_config(FinetuneConfig, overrides=common(tmp_path, random_init=True, model=MICRO, batch_size=33))
     with pytest.raises(ConfigError, match="even"):
-        finetune(cfg)
+        load_config(FinetuneConfig, overrides=common(tmp_path, random_init=True, model=MICRO, batch_size=33))
 
 
 # command line -----------------------------------------------------------------------------------------------------

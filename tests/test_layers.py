@@ -33,7 +33,7 @@ LAYERS = [
     ("data", ["mimkit.data"]),
     ("objectives", ["mimkit.objectives"]),
     ("checkpoints", ["mimkit.checkpoints"]),
-    ("engine", ["mimkit.engine"]),
+    ("engine", ["mimkit.engine", "mimkit.run"]),
     ("commands", ["mimkit.pretrain", "mimkit.tokenizer", "mimkit.sweep", "mimkit.eval", "mimkit.features",
                   "mimkit.viz", "mimkit.bench", "mimkit.monitor"]),
     ("cli", ["mimkit.cli", "mimkit"]),  # ``mimkit`` itself: the package's public façade (mimkit/__init__.py)

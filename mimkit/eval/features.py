@@ -1,5 +1,7 @@
 """What the three evaluations share: the encoder to evaluate, its frozen features, the data, the results file.
 
+* :func:`open_evaluation`: the one opening of ``knn``, ``linprobe`` and ``finetune`` (the run, the encoder, the
+  data, the pixel spec), as an immutable :class:`Evaluation`.
 * :func:`load_eval_encoder` turns ``--checkpoint`` / ``--random-init`` / ``--model`` into a ``MaskedViT``.
 * :func:`loader_features` runs a frozen encoder over a loader once (``mimkit.features.extract_features``
   under autocast);
@@ -15,8 +17,9 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,8 +30,32 @@ from ..features import extract_features
 from ..files import write_text
 from ..precision import autocast
 from ..models import MaskedAutoencoder, MaskedViT, create_mae
+from ..run import Run, start
 
 log = logging.getLogger("mimkit")
+
+
+# the opening -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Evaluation:
+    run: Run  # the claimed folder, the environment, the pixel spec (run.pixels)
+    encoder: MaskedViT
+    source_info: dict  # where the encoder came from (in results.json)
+    img_size: int
+    source: object  # the opened images (train and validation, one source)
+    train_idx: List[int]
+    val_idx: List[int]
+    num_classes: int
+
+
+def open_evaluation(cfg, command: str) -> Evaluation:
+    """The run (folder claimed, seeded), the encoder to evaluate, the data split and the input spec."""
+    run = start(cfg, command)
+    encoder, source_info = load_eval_encoder(cfg)
+    img_size = eval_img_size(cfg, encoder)
+    source, train_idx, val_idx, n_classes = eval_data(cfg)
+    run = run.derive(pixels=eval_pixels(cfg, encoder, source, train_idx + val_idx))
+    return Evaluation(run, encoder, source_info, img_size, source, train_idx, val_idx, n_classes)
 
 
 # the encoder ----------------------------------------------------------------------------------------
