@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 
 echo "== 1/3: mimkit bench base224, batch 256, bf16"
 timeout 300 "$PY" -m mimkit.cli bench base224 --precision bf16 --batch-size 256 --compile both --peers hf,lightly \
-    --warmup 3 --repeats 5 --data "" --loss-check-steps 0 --out "$OUT/bench-base224.json" | tee "$OUT/bench-base224.txt"
+    --warmup 3 --repeats 5 --data "" --loss-check-steps 0 --output "$OUT/bench-base224.json" | tee "$OUT/bench-base224.txt"
 "$PY" benchmarks/targets.py "$OUT/bench-base224.json" | tee -a "$OUT/bench-base224.txt" || true
 
 echo "== 2/3: 2 minutes of CIFAR-10 pretraining (tiny32 recipe, bf16, loader in the loop)"

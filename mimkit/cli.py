@@ -51,12 +51,13 @@ def add_options(parser: argparse.ArgumentParser, cls):
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{help_} (default: {default})")
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
+        flags = [C.flag(f.name)] + [C.flag(a) for a in f.metadata.get("aliases", ())]  # old spellings still work
         if typ is bool:
-            parser.add_argument(C.flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(typ) in (dict, typing.Dict):
-            parser.add_argument(C.flag(f.name), type=_yaml_mapping, metavar="YAML", **kw)
+            parser.add_argument(*flags, type=_yaml_mapping, metavar="YAML", **kw)
         else:
-            parser.add_argument(C.flag(f.name), type=str, metavar=f.name.upper(), **kw)
+            parser.add_argument(*flags, type=str, metavar=f.name.upper(), **kw)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -105,5 +105,5 @@ def embed_command(cfg) -> dict:
     """CLI ``mimkit embed CHECKPOINT IMAGES OUT.npy``."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    return embed(cfg.checkpoint, cfg.images, cfg.out, pool=cfg.pool, img_size=cfg.img_size, batch_size=cfg.batch_size,
+    return embed(cfg.checkpoint, cfg.data, cfg.output, pool=cfg.pool, img_size=cfg.img_size, batch_size=cfg.batch_size,
                  device=cfg.device, num_workers=cfg.num_workers)

@@ -100,7 +100,7 @@ def _standard_error(x: torch.Tensor) -> float:
 
 
 def reconstruct(cfg) -> list:
-    """CLI ``mimkit reconstruct``: figures for ``cfg.num_images`` images of ``cfg.images`` (spread over its classes,
+    """CLI ``mimkit reconstruct``: figures for ``cfg.num_images`` images of ``cfg.data`` (spread over its classes,
     seeded) into ``cfg.output``, and the reconstruction error (``results.json``) over those images, or over all
     held-out ones with val_fraction."""
     from .checkpoints import load_mae
@@ -108,12 +108,12 @@ def reconstruct(cfg) -> list:
     from .files import write_json
     from .data import make_loader, open_images, split_train_val, spread_over_classes
     norm_pix = {"auto": None, "normalised": True, "raw": False}[cfg.target]
-    source = open_images(cfg.images)  # the images first: a bad --images fails before the weights are read
+    source = open_images(cfg.data)  # the images first: a bad --data fails before the weights are read
     if cfg.val_fraction > 0:
         scored = split_train_val(source, cfg.val_fraction)[1]
         if not scored:
             raise DataError(f"--val-fraction {cfg.val_fraction} holds out no image of the {len(source)} in "
-                            f"{cfg.images}")
+                            f"{cfg.data}")
         shown = spread_over_classes(source, scored, cfg.seed)[:cfg.num_images]
     else:
         scored = shown = spread_over_classes(source, range(len(source)), cfg.seed)[:cfg.num_images]

@@ -438,8 +438,8 @@ def write_shards(src, out, shard_size: int = 1000, prefix: str = "shard", shuffl
 
 
 def shards_command(cfg) -> str:
-    """``mimkit shards SRC OUT``: write the shards and print the ``--data`` pattern that reads them."""
-    pattern = write_shards(cfg.src, cfg.out, cfg.shard_size, shuffle=cfg.shuffle, seed=cfg.seed)
+    """``mimkit shards DATA OUTPUT``: write the shards and print the ``--data`` pattern that reads them."""
+    pattern = write_shards(cfg.data, cfg.output, cfg.shard_size, shuffle=cfg.shuffle, seed=cfg.seed)
     print(f"shards: wrote {len(expand(pattern))} shards of up to {cfg.shard_size} images; train with --data '{pattern}'",
           flush=True)
     return pattern
