@@ -57,11 +57,11 @@ class OnlineEval:
         self.num_images = (len(bank), len(queries))
 
     def features(self, loader):
-        from .eval.features import loader_features
+        from .eval.common import loader_features
         return loader_features(self.objective.encoder, loader, self.pool, self.device, self.precision)
 
     def knn_top1(self) -> float:
-        from .eval.features import topk_accuracy
+        from .eval.common import topk_accuracy
         from .eval.knn import knn_scores
         (bank, bank_y), (queries, query_y) = self.features(self.bank), self.features(self.queries)
         scores = knn_scores(bank, bank_y, queries, self.num_classes, self.k, self.temperature)

@@ -1,4 +1,4 @@
-"""``mimkit tokenizer train``: fit the VQ tokenizer (:mod:`mimkit.models.tokenizer`) that BEiT predicts the ids of."""
+"""``mimkit tokenizer train``: fit the VQ tokenizer (:mod:`mimkit.models.vq`) that BEiT predicts the ids of."""
 import logging
 from pathlib import Path
 
@@ -9,7 +9,7 @@ from .data import check_sample, make_loader, open_images, split_train_val
 from .engine import effective_lr, fit
 from .errors import ConfigError
 from .files import write_json
-from .models.tokenizer import FILE, VQTokenizer, save_tokenizer
+from .models.vq import FILE, VQTokenizer, save_tokenizer
 from .run import start
 
 log = logging.getLogger("mimkit")

@@ -7,7 +7,7 @@ import torch
 
 from mimkit.checkpoint_files import load_latest, save_checkpoint
 from mimkit.config import FinetuneConfig, KnnConfig, LinprobeConfig, load_config
-from mimkit.eval import features as F
+from mimkit.eval import common as F
 from mimkit.eval.finetune import build_classifier, finetune, finetune_optimizer
 from mimkit.eval.knn import knn_scores
 from mimkit.eval.linprobe import LinearProbe, linprobe

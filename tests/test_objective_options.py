@@ -12,7 +12,7 @@ from mimkit.cli import main as cli
 from mimkit.config import PretrainConfig, load_config, opt
 from mimkit.errors import ConfigError
 from mimkit.masking import draw_mask
-from mimkit.models.tokenizer import VQTokenizer, save_tokenizer
+from mimkit.models.vq import VQTokenizer, save_tokenizer
 from mimkit.objectives import OBJECTIVES, build_objective, register
 from mimkit.objectives.base import MaskTokenObjective, ObjectiveOptions, make_encoder, masked_mean, resolve_mask_ratio
 

@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..engine import effective_lr, fit
 from ..precision import autocast
 from ..models import MaskedViT
-from .features import image_loader, logged, open_evaluation, topk_accuracy, write_results
+from .common import image_loader, logged, open_evaluation, topk_accuracy, write_results
 
 log = logging.getLogger("mimkit")
 

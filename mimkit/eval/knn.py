@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import KnnConfig
-from .features import features_for, open_evaluation, topk_accuracy, write_results
+from .common import features_for, open_evaluation, topk_accuracy, write_results
 
 log = logging.getLogger("mimkit")
 

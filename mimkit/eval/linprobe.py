@@ -19,7 +19,7 @@ from timm.optim import Lars
 from ..config import LinprobeConfig
 from ..engine import effective_lr, fit
 from ..models import freeze
-from .features import FeatureLoader, features_for, open_evaluation, topk_accuracy, write_results
+from .common import FeatureLoader, features_for, open_evaluation, topk_accuracy, write_results
 
 log = logging.getLogger("mimkit")
 

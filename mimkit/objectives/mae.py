@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..masking import MASKINGS, draw_mask, mask_to_ids
 from ..models import MaskedAutoencoder, create_mae, encoder_overrides, patchify
 from ..models.presets import ENCODERS
-from ..models.tokenizer import VQTokenizer, tokenizer_grid_matches
+from ..models.vq import VQTokenizer, tokenizer_grid_matches
 from .base import ObjectiveOptions, check_positive, encode_with_mask_tokens, masked_mean, resolve_mask_ratio
 from .beit import FrozenTokenizer, open_tokenizer
 from .targets import PCATarget
