@@ -5,6 +5,7 @@ import sys
 import typing
 
 from . import config as C
+from .errors import did_you_mean
 from .bench import bench
 from .checkpoints.export import export_command
 from .data.shards import shards_command
@@ -68,12 +69,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _suggest(command: str, flags: list) -> str:
-    import difflib
     if command not in COMMANDS:
         return ""
     known = ["--config"] + [C.flag(f.name) for f, _ in C.option_fields(COMMANDS[command][0])]
-    close = difflib.get_close_matches(flags[0].split("=")[0], known, n=1)
-    return f"; did you mean {close[0]}?" if close else ""
+    return did_you_mean(flags[0].split("=")[0], known)
 
 
 def _yaml_mapping(text: str):
@@ -162,14 +161,15 @@ def _peer_lost(e: RuntimeError):
     import os
     import re
     import torch.distributed as dist
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = C.world_size()
+    if world <= 1:
         return None
     text = str(e).replace("\n", " ")
     dist_error = isinstance(e, getattr(dist, "DistError", ()))
     if not dist_error and not re.search(r"[Cc]onnection (closed|reset) by peer|[Tt]imed out|NCCL|gloo", text):
         return None
     return (f"another process of this job stopped or cannot be reached (rank {os.environ.get('RANK', '?')} of "
-            f"{os.environ['WORLD_SIZE']}: {text[:200]}); the other processes' logs say why; the last checkpoint is "
+            f"{world}: {text[:200]}); the other processes' logs say why; the last checkpoint is "
             f"kept (--resume continues from it)")
 
 

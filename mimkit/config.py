@@ -6,7 +6,6 @@ overrides, rejects unknown keys (suggesting the nearest name) and wrong types, t
 runs the class's ``validate`` so bad values fail in one line before any work starts.
 """
 import dataclasses
-import difflib
 import math
 import os
 import re
@@ -17,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 
 def opt(default, help: str, choices=None, positional: bool = False, aliases=()):
@@ -478,7 +477,7 @@ def check_common(cfg):
 
 
 def world_size() -> int:
-    """Processes in this run, as torchrun announces them (1 outside torchrun)."""
+    """Processes in this run, as torchrun announces them (1 outside torchrun): the one reading of WORLD_SIZE."""
     try:
         return max(1, int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError:
@@ -505,8 +504,7 @@ def check_run(cfg):
 
 def check_choice(name: str, value, allowed):
     if value not in allowed:
-        close = difflib.get_close_matches(str(value), list(allowed), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        hint = did_you_mean(value, allowed, before=" (", after=")")
         raise ConfigError(f"{flag(name)} must be one of {', '.join(sorted(allowed))}; got {value!r}{hint}")
 
 
@@ -646,9 +644,7 @@ def build_options(cls, values: dict, label=flag):
                 values[f.name] = values.pop(old)
     for key in values:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {label(close[0])}?" if close else ""
-            raise ConfigError(f"unknown option {label(key)}{hint}")
+            raise ConfigError(f"unknown option {label(key)}{did_you_mean(key, known, label)}")
     kwargs = {}
     for f, typ in option_fields(cls):
         if f.name in values:

@@ -29,6 +29,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
 from .checkpoint_files import check_state_dict, load_latest, prune_checkpoints, save_checkpoint
+from .config import world_size
 from .errors import ConfigError, DivergedError, Preempted
 from .precision import autocast, resolve as resolve_precision
 from .rundir import run_id as read_run_id
@@ -59,7 +60,7 @@ def setup(cfg) -> Env:
     """Pick the device, set threads and determinism, and join the process group under torchrun."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     want = cfg.device

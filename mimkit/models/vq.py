@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..checkpoint_files import load_checkpoint, load_latest, save_checkpoint
 from ..errors import CheckpointError
+from .frozen import freeze
 
 FILE = "tokenizer.pt"
 
@@ -226,12 +227,6 @@ def load_tokenizer(path) -> VQTokenizer:
         raise CheckpointError(f"{path}: the tokenizer weights do not fit their architecture "
                               f"({str(e).splitlines()[0]})") from None
     return freeze(tok)
-
-
-def freeze(tok: VQTokenizer) -> VQTokenizer:
-    for prm in tok.parameters():
-        prm.requires_grad_(False)
-    return tok.eval()
 
 
 def tokenizer_grid_matches(tok: VQTokenizer, encoder) -> Optional[str]:

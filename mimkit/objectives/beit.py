@@ -22,7 +22,8 @@ from ..config import opt
 from ..errors import CheckpointError, ConfigError
 from ..masking import draw_mask
 from ..models import MaskedViT
-from ..models.vq import VQTokenizer, freeze, load_tokenizer, tokenizer_grid_matches
+from ..models import freeze
+from ..models.vq import VQTokenizer, load_tokenizer, tokenizer_grid_matches
 from .base import (MaskTokenObjective, ObjectiveOptions, check_fraction, check_positive, encode_with_mask_tokens,
                    make_encoder, masked_mean, resolve_mask_ratio)
 
