@@ -3,7 +3,7 @@
 - ``ObjectiveOptions``: the base of each objective's ``Options`` dataclass; its fields are ``mimkit.config.opt``
   fields, parsed from ``objective_args`` by the same machinery as command options (``config.build_options``);
 - ``resolve_mask_ratio``: ``objective_args.mask_ratio``, else ``--mask-ratio``, else the objective's paper value;
-- ``make_encoder`` / ``init_like_mae``: the ``--model`` encoder, initialised as MAE initialises its own;
+- ``make_encoder``: the ``--model`` encoder, initialised as MAE initialises its own (``models.mae.init_like_mae``);
 - ``encode_with_mask_tokens`` / ``masked_mean``: the encoder over every position with hidden ones as a mask token;
 - ``MaskTokenObjective``: the encoder + mask token + linear head that SimMIM, ViT-MPP and BEiT share.
 
@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..models import MaskedViT, create_encoder, encoder_overrides
+from ..models.mae import init_like_mae
 
 
 @dataclass
@@ -65,25 +66,6 @@ def make_encoder(cfg):
     except ValueError as e:
         raise ConfigError(f"--model: {e}") from None
     return init_like_mae(encoder)
-
-
-def init_like_mae(module: nn.Module) -> nn.Module:
-    """Xavier-uniform linears (a ViT's patch projection seen as a linear), zero biases, unit norms, N(0, .02) tokens."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    pe = getattr(module, "patch_embed", None)
-    if pe is not None:
-        w = pe.proj.weight
-        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
-    if getattr(module, "cls_token", None) is not None:
-        nn.init.normal_(module.cls_token, std=0.02)
-    return module
 
 
 def encode_with_mask_tokens(encoder, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor,
