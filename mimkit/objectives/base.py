@@ -4,6 +4,8 @@
   fields, parsed from ``objective_args`` by the same machinery as command options (``config.build_options``);
 - ``resolve_mask_ratio``: ``objective_args.mask_ratio``, else ``--mask-ratio``, else the objective's paper value;
 - ``make_encoder``: the ``--model`` encoder, initialised as MAE initialises its own (``models.mae.init_like_mae``);
+- ``patch_grid``: the grid of patches of a batch;
+- ``open_tokenizer`` / ``FrozenTokenizer``: the trained VQ tokenizer BEiT and MAE's token target predict;
 - ``encode_with_mask_tokens`` / ``masked_mean``: the encoder over every position with hidden ones as a mask token;
 - ``MaskTokenObjective``: the encoder + mask token + linear head that SimMIM, ViT-MPP and BEiT share.
 
@@ -11,13 +13,14 @@
 ``head.weight``, ``head.bias``): renaming one breaks existing checkpoints.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError
-from ..models import MaskedViT, create_encoder, encoder_overrides
+from ..errors import CheckpointError, ConfigError
+from ..models import MaskedViT, create_encoder, encoder_overrides, freeze
+from ..models.vq import load_tokenizer
 from ..models.mae import init_like_mae
 
 
@@ -68,13 +71,44 @@ def make_encoder(cfg):
     return init_like_mae(encoder)
 
 
+def patch_grid(images: torch.Tensor, patch_size: int) -> Tuple[int, int]:
+    """(rows, columns) of patches of a batch: the grid every objective's masks and positions are drawn on."""
+    return images.shape[-2] // patch_size, images.shape[-1] // patch_size
+
+
+def open_tokenizer(objective: str, path):
+    """The frozen tokenizer named by ``objective_args.tokenizer``; a missing or bad one is a one-line ConfigError."""
+    if not path:
+        raise ConfigError(f"--objective-args: objective {objective} needs tokenizer: PATH "
+                          f"(train one with `mimkit tokenizer train --data ... --output ...`)")
+    try:
+        return load_tokenizer(path)
+    except CheckpointError as e:
+        raise ConfigError(f"--objective-args: tokenizer: {e}") from None
+
+
+class FrozenTokenizer(nn.Module):
+    """Holds the tokenizer so its weights travel with the objective's checkpoint but are never trained."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = freeze(tokenizer)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images):
+        with torch.autocast(images.device.type, enabled=False):
+            return self.tokenizer.encode(images.float())
+
+
 def encode_with_mask_tokens(encoder, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor,
                             tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run ``encoder`` over every position with hidden patches replaced by ``mask_token``: (B, 1 + L, D)."""
     t = encoder.patch_tokens(images) if tokens is None else tokens
     t = torch.where(mask[..., None], mask_token.to(t.dtype), t)
-    grid = (images.shape[-2] // encoder.patch_size, images.shape[-1] // encoder.patch_size)
-    return encoder.forward_tokens(t, grid_hw=grid)
+    return encoder.forward_tokens(t, grid_hw=patch_grid(images, encoder.patch_size))
 
 
 def masked_mean(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,8 @@ from ..masking import MASKINGS, draw_mask, mask_to_ids
 from ..models import MaskedAutoencoder, create_mae, encoder_overrides, patchify
 from ..models.presets import ENCODERS
 from ..models.vq import VQTokenizer, tokenizer_grid_matches
-from .base import ObjectiveOptions, check_positive, encode_with_mask_tokens, masked_mean, resolve_mask_ratio
-from .beit import FrozenTokenizer, open_tokenizer
+from .base import (FrozenTokenizer, ObjectiveOptions, check_positive, encode_with_mask_tokens, masked_mean,
+                   open_tokenizer, patch_grid, resolve_mask_ratio)
 from .targets import PCATarget
 
 TARGETS = ("pixels", "norm_pixels", "pca", "tokens")
@@ -151,7 +151,7 @@ class MAEObjective(nn.Module):
     def forward_ablation(self, images, rng=None):
         """MAE's steps with Table 1's variations: which patches hide, what the encoder sees, what is predicted."""
         model = self.model
-        grid = model._grid(images)
+        grid = patch_grid(images, model.patch_size)
         hidden = draw_mask(self.masking, images.shape[0], grid, model.mask_ratio, rng, images.device, self.min_block)
         if self.enc_mask_token is None:  # MAE: the encoder sees the visible patches only
             m = mask_to_ids(hidden)

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..masking import random_masking, uniform
 from ..models import MaskedViT
 from .base import MaskTokenObjective, ObjectiveOptions, check_fraction, check_positive, make_encoder, masked_mean, \
-    resolve_mask_ratio
+    patch_grid, resolve_mask_ratio
 from .targets import mean_colour_classes, mosaic_classes, pixel_target
 
 TARGETS = ("mean_colour", "mosaic", "pixels")
@@ -115,7 +115,7 @@ class ViTMPPObjective(MaskTokenObjective):
 
     def forward(self, images, labels=None, rng=None):
         p = self.encoder.patch_size
-        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        grid = patch_grid(images, p)
         tokens, corrupted, _ = self.corrupt_tokens(self.encoder.patch_tokens(images), rng)
         pred = self.head(self.encoder.forward_tokens(tokens, grid_hw=grid)[:, 1:]).float()
         with torch.no_grad():
