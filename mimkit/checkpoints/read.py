@@ -36,6 +36,7 @@ from ..errors import CheckpointError
 from ..models import MaskedAutoencoder, MaskedViT, adapt_patch_projection
 from ..models.pos_embed import sincos_2d
 from ..models.presets import DECODERS
+from ..objectives import OBJECTIVES  # a model exactly as trained needs the objective that wrote it (layers: below)
 from .hf import from_hf, is_hf
 from ..checkpoint_files import check_state_dict, load_checkpoint, load_latest
 from .official import fold_linprobe_head, official_hints
@@ -413,9 +414,6 @@ def _report(info: dict, quiet_prefixes: Tuple[str, ...] = ()):
 
 def _objective(src: Source):
     """A mimkit checkpoint's objective rebuilt from its stored arch, every tensor loaded (None: kind unknown)."""
-    # checkpoints sit above objectives (DEVELOPING.md's layers): a model exactly as trained needs its objective;
-    # imported on use so that objectives may read their own files (a BEiT tokenizer) through checkpoint_files
-    from ..objectives import OBJECTIVES
     if src.raw is None or src.kind not in OBJECTIVES:
         return None
     try:
