@@ -17,6 +17,9 @@ from .pretrain import pretrain
 from .sweep import sweep
 from .tokenizer import tokenizer_command
 from .viz import reconstruct
+from .errors import CheckpointError, ConfigError, DataError, DivergedError, Preempted
+from .models import ENCODERS
+from .objectives import OBJECTIVES, describe
 
 # name -> (options class, the API function run with the loaded config, one-line help)
 COMMANDS = {
@@ -46,7 +49,6 @@ def add_options(parser: argparse.ArgumentParser, cls):
     for f, typ in C.option_fields(cls):
         help_ = f.metadata.get("help", "")
         if cls is C.PretrainConfig and f.name == "objective":
-            from .objectives import OBJECTIVES
             help_ = f"pretraining objective: {', '.join(OBJECTIVES)} (`mimkit objectives` describes each)"
         default = f.default if f.default is not C.dataclasses.MISSING else "{}"
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{help_} (default: {default})")
@@ -120,17 +122,14 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     command = args.pop("command")
     if command == "models":
-        from .models import ENCODERS
         for name, a in sorted(ENCODERS.items()):
             print(f"{name:24s} {a['img_size']:>4d}px patch {a['patch_size']:<2d} width {a['embed_dim']:<5d} "
                   f"depth {a['depth']:<3d} heads {a['num_heads']}")
         return 0
     if command == "objectives":
-        from .objectives import describe
         print(describe())
         return 0
     cls, run, _ = COMMANDS[command]
-    from .errors import CheckpointError, ConfigError, DataError, DivergedError, Preempted
     try:
         path = args.pop("config", None)
         if path is None and cls is C.SweepConfig:  # `mimkit sweep CONFIG`: the bare argument is the YAML file

@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from .errors import ConfigError, did_you_mean
+from .files import write_yaml
+from .models import ENCODERS
 
 
 def opt(default, help: str, choices=None, positional: bool = False, aliases=()):
@@ -510,7 +512,6 @@ def check_choice(name: str, value, allowed):
 
 def check_model(cfg, name: str, option: str = "model"):
     """A known encoder preset whose patch size divides the image size."""
-    from .models import ENCODERS
     check_choice(option, name, ENCODERS)
     size, patch = cfg.img_size or ENCODERS[name]["img_size"], ENCODERS[name]["patch_size"]
     if size % patch:
@@ -664,5 +665,4 @@ def to_dict(cfg) -> dict:
 
 
 def save_config(cfg, path: Path):
-    from .files import write_yaml
     write_yaml(path, to_dict(cfg))

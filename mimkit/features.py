@@ -20,6 +20,9 @@ import torch.nn.functional as F
 
 from .files import write_text, write_via
 from .models import MaskedAutoencoder
+from .checkpoints import load
+from .data import encoder_pixels, make_loader, open_images, reuse_pixels
+from .errors import ConfigError
 
 log = logging.getLogger("mimkit")
 POOLS = ("cls", "mean", "all")
@@ -60,7 +63,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        from .errors import ConfigError
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
     return torch.device(name)
 
@@ -73,8 +75,6 @@ def embed(checkpoint, images, out, *, pool: str = "cls", img_size: int = 0, batc
     Images that cannot be decoded are skipped (and warned about); the names file lists exactly the rows
     written. ``img_size`` 0 uses the checkpoint's resolution. Returns {features, names, shape}.
     """
-    from .checkpoints import load
-    from .data import encoder_pixels, make_loader, open_images, reuse_pixels
     model = load(checkpoint)
     enc = _encoder(model)
     dev = _device(device)

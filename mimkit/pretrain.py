@@ -11,6 +11,12 @@ from .data.hfdata import dataset_options
 from .engine import TrainResult, effective_lr, fit, pretrain_optimizer
 from .run import start
 from .objectives import check_objective, get_objective
+from .checkpoints import load_mae
+from .data import load_image, load_input
+from .errors import BadImage
+from .monitor import OnlineEval, check_online_eval
+from .precision import resolve
+from .viz import reconstruction_grid
 
 log = logging.getLogger("mimkit")
 
@@ -90,7 +96,6 @@ def _resolve_pixels(cfg, source, train_idx) -> PixelSpec:
 
 def _init_from(objective, path: str):
     """Start from released weights (any supported format); a release without a decoder keeps a fresh one."""
-    from .checkpoints import load_mae
     if getattr(objective, "name", "") != "mae":
         raise ConfigError("--init continues MAE pretraining; other objectives start from scratch")
     _, info = load_mae(path, model=objective.model)  # shapes checked tensor by tensor, one-line errors
@@ -104,8 +109,6 @@ def _online_eval(objective, source, train_idx, val_idx, img_size, run, cfg):
     the same on every process); the check that there are labeled held-out images runs on every process."""
     if not cfg.eval_every:
         return None
-    from .monitor import OnlineEval, check_online_eval
-    from .precision import resolve
     check_online_eval(source, val_idx)
     if not run.env.is_main:
         return None
@@ -121,7 +124,6 @@ def _figure_callback(objective, source, indices, img_size, run, cfg):
         return None
     if not getattr(objective, "pixel_output", True):  # an MAE ablation that predicts PCA coefficients or tokens
         return None
-    from .viz import reconstruction_grid
     images = None
 
     def on_epoch_end(epoch: int, step: int, final: bool = False):
@@ -148,8 +150,6 @@ def _figure_callback(objective, source, indices, img_size, run, cfg):
 def _good_images(source, candidates, n: int, min_size: int, pixels: PixelSpec):
     """The first ``n`` candidates that decode and are large enough, found quietly: the training loader
     names each bad file once, and a figure must not name them again."""
-    from .data import load_image, load_input
-    from .errors import BadImage
     picks = []
     for i in candidates:
         try:

@@ -1,6 +1,5 @@
 """``mimkit tokenizer train``: fit the VQ tokenizer (:mod:`mimkit.models.vq`) that BEiT predicts the ids of."""
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

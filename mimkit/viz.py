@@ -9,6 +9,10 @@ from torchvision.utils import make_grid, save_image
 from .data import PixelSpec
 from .errors import ConfigError
 from .files import write_via
+from .checkpoints import load_mae
+from .data import make_loader, open_images, split_train_val, spread_over_classes
+from .errors import DataError
+from .files import write_json
 
 log = logging.getLogger("mimkit")
 
@@ -103,10 +107,6 @@ def reconstruct(cfg) -> list:
     """CLI ``mimkit reconstruct``: figures for ``cfg.num_images`` images of ``cfg.data`` (spread over its classes,
     seeded) into ``cfg.output``, and the reconstruction error (``results.json``) over those images, or over all
     held-out ones with val_fraction."""
-    from .checkpoints import load_mae
-    from .errors import DataError
-    from .files import write_json
-    from .data import make_loader, open_images, split_train_val, spread_over_classes
     norm_pix = {"auto": None, "normalised": True, "raw": False}[cfg.target]
     source = open_images(cfg.data)  # the images first: a bad --data fails before the weights are read
     if cfg.val_fraction > 0:

@@ -142,6 +142,29 @@ def test_no_module_imports_a_higher_layer():
     assert upward(imports(modules())) == []
 
 
+# the one function-level import of a mimkit module: the façade's ``mimkit.load``, so that ``import mimkit.errors``
+# (which runs mimkit/__init__.py) does not pull in the checkpoint reader, the objectives and the data layer
+FUNCTION_LEVEL = {("mimkit", "mimkit.checkpoints")}
+
+
+def function_level_imports(mods: dict) -> set:
+    """(module, imported mimkit module) for every import of mimkit's own modules inside a function."""
+    out = set()
+    for mod, (path, is_pkg) in mods.items():
+        for f in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = ast.unparse(ast.Module(body=f.body, type_ignores=[]))
+                out.update((mod, d) for d in imports_in(body, mod, is_pkg, mods))
+    return out
+
+
+def test_function_level_imports_only_for_optional_packages():
+    """Imports of mimkit's own modules sit at module level, where the layer and circle checks see them run; only
+    optional heavy packages (W&B, transformers, ...) are imported on use. Moving ``from .viz import
+    reconstruction_grid`` back into ``pretrain._figure_callback`` fails this."""
+    assert function_level_imports(modules()) == FUNCTION_LEVEL
+
+
 def test_each_module_imports_alone():
     """Each module imported first, with every mimkit module forgotten before (torch stays loaded, so one
     interpreter serves all): a circle that only bites in some import order fails here with its traceback."""

@@ -16,6 +16,7 @@ from ..flops import counted_flops
 from ..models import create_mae
 from ..precision import autocast
 from .peers import BenchSpec, Contestant, mimkit_optimizer
+from ..data import benchmark_loader, make_loader, open_images, split_train_val
 
 log = logging.getLogger("mimkit")
 
@@ -247,7 +248,6 @@ def time_interleaved(runners: List[Runner], images: torch.Tensor, *, warmup: int
 def time_data_pipeline(data: str, img_size: int, batch: int, device: torch.device, batches: int, repeats: int,
                        num_workers: Optional[int] = None, seed: int = 0) -> dict:
     """Images/s of the pretraining loader alone (decode, augment, collate), as ``mimkit pretrain`` builds it."""
-    from ..data import benchmark_loader, make_loader, open_images, split_train_val
     t0 = time.perf_counter()
     source = open_images(data)
     train_idx, _ = split_train_val(source, 0.1)
@@ -270,7 +270,6 @@ def loss_check(name: str, spec: BenchSpec, device: torch.device, data: str, step
     """Train mimkit ``steps`` steps three times from the same initialisation on the same batches: fp32, bf16
     (same masks) and fp32 with other masks. bf16 passes when its curve is no further from fp32's than the
     other-masks curve is (mean absolute difference of window means)."""
-    from ..data import make_loader, open_images, split_train_val
     img_size = spec.encoder["img_size"]
     source = open_images(data)
     train_idx, _ = split_train_val(source, 0.1)

@@ -42,6 +42,7 @@ from ..checkpoint_files import check_state_dict, load_checkpoint, load_latest
 from .official import fold_linprobe_head, official_hints
 from .source import Source
 from .timm import timm_hints
+from .hub import resolve_path
 
 log = logging.getLogger("mimkit")
 
@@ -58,7 +59,6 @@ def read(path) -> Source:
     """Any supported checkpoint (see the module docstring) rewritten into mimkit MAE names; a mimkit checkpoint
     also keeps its kind, stored arch and own state dict (``Source.kind``, ``.arch``, ``.raw``); ``hf://ORG/NAME[@REV]``
     is read from its copy in the Hugging Face cache (:mod:`.hub`)."""
-    from .hub import resolve_path
     p = Path(resolve_path(path)).expanduser()
     if p.is_dir():
         if (p / "checkpoints").is_dir():

@@ -31,6 +31,11 @@ from ..files import write_text
 from ..precision import autocast
 from ..models import MaskedAutoencoder, MaskedViT, create_mae
 from ..run import Run, start
+from ..checkpoint_files import save_checkpoint
+from ..data import JoinedSource, encoder_pixels, make_loader, open_images, reuse_pixels, split_train_val
+from ..data.hfdata import dataset_options
+from ..errors import DataError
+from ..objectives import OBJECTIVES
 
 log = logging.getLogger("mimkit")
 
@@ -94,7 +99,6 @@ def _fresh_encoder_from_preset(name: str, in_chans: int = 3) -> MaskedViT:
 
 def _fresh_encoder_like(kind, arch, trained: MaskedViT) -> MaskedViT:
     """The same shape, initialised as its pretraining objective starts it (MAE's initialisation by default)."""
-    from ..objectives import OBJECTIVES
     if kind in OBJECTIVES and kind != "mae" and arch:
         try:
             return OBJECTIVES[kind].build(arch).encoder
@@ -154,7 +158,6 @@ def features_for(encoder: MaskedViT, source, indices, cfg, env, img_size: int, p
     The key hashes the encoder's weights, the images (names, sizes, modification times), the pooling, size and
     precision, so k-NN and the linear probe of one checkpoint compute features once, and nothing stale is read.
     """
-    from ..checkpoint_files import save_checkpoint
     cache_dir = Path(os.path.expanduser(cfg.feature_cache)) if cfg.feature_cache else None
     path = None
     if cache_dir is not None:
@@ -243,9 +246,6 @@ def eval_data(cfg):
     """(source, train indices, validation indices, number of classes) for ``cfg.data``, split by
     ``--val-fraction``, or with ``--val-data`` all of it for training and that set for validation (one joined
     source); unlabeled images (outside any class folder) are left out, as they cannot be scored."""
-    from ..data import JoinedSource, open_images, split_train_val
-    from ..data.hfdata import dataset_options
-    from ..errors import DataError
     source = open_images(cfg.data, **dataset_options(cfg))
     if not source.classes:
         raise DataError(f"{cfg.data}: no class folders, so no labels to evaluate against (put images in "
@@ -282,7 +282,6 @@ def image_loader(source, indices, cfg, env, *, recipe: str = "eval", img_size: i
     """``mimkit.data.make_loader`` with the run's options; one process reads everything unless ``distributed``.
 
     ``shuffle=False`` yields every image once, in order (for features and validation)."""
-    from ..data import make_loader
     rank, world = (env.rank, env.world_size) if distributed else (0, 1)
     return make_loader(source, indices, batch_size=batch_size or cfg.batch_size, recipe=recipe, img_size=img_size,
                        seed=cfg.seed, rank=rank, world_size=world,
@@ -293,7 +292,6 @@ def image_loader(source, indices, cfg, env, *, recipe: str = "eval", img_size: i
 def eval_pixels(cfg, encoder: MaskedViT, source, indices):
     """How the evaluated encoder's input is made: the spec its checkpoint records (channels, value range,
     mean/std), with --in-chans/--value-range/--mean/--std given here in its place; the files checked against it."""
-    from ..data import encoder_pixels, reuse_pixels
     stored = encoder_pixels(encoder.arch, encoder.in_chans)
     mean, std = cfg.mean, cfg.std
     if "pixels" not in encoder.arch and encoder.in_chans != 3 and not (mean or std):

@@ -14,7 +14,6 @@ objective_args: ``tokenizer`` (path: a ``tokenizer.pt``, its training folder or 
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 
 from ..config import opt

@@ -35,6 +35,7 @@ from ..masking import random_masking, uniform
 from ..models.igpt import PixelTransformer
 from ..models.pixels import to_unit
 from .base import ObjectiveOptions, check_fraction, check_positive, masked_mean, resolve_mask_ratio
+from ..models.presets import encoder_preset
 
 log = logging.getLogger("mimkit")
 
@@ -80,7 +81,6 @@ class IGPTObjective(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, options: IGPTOptions) -> "IGPTObjective":
-        from ..models.presets import encoder_preset
         try:
             preset = encoder_preset(cfg.model)
         except ValueError as e:
