@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import check_sample, make_loader, open_images, split_train_val
+from .data.hfdata import dataset_options
 from .engine import effective_lr, fit
 from .errors import ConfigError
 from .files import write_json
@@ -27,7 +28,7 @@ def train_tokenizer(cfg) -> dict:
     tok = VQTokenizer(img_size=img_size, patch_size=cfg.patch_size, codebook_size=cfg.codebook_size,
                       code_dim=cfg.code_dim, hidden=cfg.hidden, quantizer=cfg.quantizer, commitment=cfg.commitment,
                       decay=cfg.decay)
-    source = open_images(cfg.data)
+    source = open_images(cfg.data, **dataset_options(cfg))  # as pretrain opens it (Hugging Face columns, splits)
     train_idx, val_idx = split_train_val(source, cfg.val_fraction)
     check_sample(source, min_size=cfg.patch_size)
     loader = make_loader(source, train_idx, batch_size=cfg.batch_size, recipe="pretrain", img_size=img_size,

@@ -4,7 +4,7 @@
   fields, parsed from ``objective_args`` by the same machinery as command options (``config.build_options``);
 - ``resolve_mask_ratio``: ``objective_args.mask_ratio``, else ``--mask-ratio``, else the objective's paper value;
 - ``make_encoder``: the ``--model`` encoder, initialised as MAE initialises its own (``models.mae.init_like_mae``);
-- ``patch_grid``: the grid of patches of a batch;
+- ``patch_grid``: the grid of patches of a batch; ``training_images``: the sample palettes and PCA bases fit on;
 - ``open_tokenizer`` / ``FrozenTokenizer``: the trained VQ tokenizer BEiT and MAE's token target predict;
 - ``encode_with_mask_tokens`` / ``masked_mean``: the encoder over every position with hidden ones as a mask token;
 - ``MaskTokenObjective``: the encoder + mask token + linear head that SimMIM, ViT-MPP and BEiT share.
@@ -18,6 +18,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..data import fit_images, open_images, split_train_val
+from ..data.hfdata import dataset_options
 from ..errors import CheckpointError, ConfigError
 from ..models import MaskedViT, create_encoder, encoder_overrides, freeze
 from ..models.vq import load_tokenizer
@@ -101,6 +103,13 @@ class FrozenTokenizer(nn.Module):
     def forward(self, images):
         with torch.autocast(images.device.type, enabled=False):
             return self.tokenizer.encode(images.float())
+
+
+def training_images(cfg, num_images: int, img_size: int, pixels=None) -> torch.Tensor:
+    """Up to ``num_images`` of the run's training images, as ``pretrain`` opens and splits them (Hugging Face
+    dataset options included): what palettes and PCA bases are fitted on."""
+    source = open_images(cfg.data, **dataset_options(cfg))
+    return fit_images(source, split_train_val(source, cfg.val_fraction)[0], num_images, img_size, pixels)
 
 
 def encode_with_mask_tokens(encoder, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor,

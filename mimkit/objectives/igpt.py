@@ -29,12 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import opt
-from ..data import fit_images
 from ..errors import ConfigError
 from ..masking import random_masking, uniform
 from ..models.igpt import PixelTransformer
 from ..models.pixels import to_unit
-from .base import ObjectiveOptions, check_fraction, check_positive, masked_mean, resolve_mask_ratio
+from .base import ObjectiveOptions, check_fraction, check_positive, masked_mean, resolve_mask_ratio, \
+    training_images
 from ..models.presets import encoder_preset
 
 log = logging.getLogger("mimkit")
@@ -98,7 +98,7 @@ class IGPTObjective(nn.Module):
                                embed_dim=preset["embed_dim"], depth=preset["depth"], num_heads=preset["num_heads"],
                                mlp_ratio=preset.get("mlp_ratio", 4.0), causal=options.mode == "ar",
                                feature_layer=layer)
-        images = fit_images(cfg.data, cfg.val_fraction, options.palette_images, img_size)
+        images = training_images(cfg, options.palette_images, img_size)
         pixels = F.interpolate(to_unit(images), size=(res, res), mode="area").permute(0, 2, 3, 1).reshape(-1, 3)
         if pixels.shape[0] < options.palette_size:
             raise ConfigError(f"--objective-args: palette_size {options.palette_size} needs at least that many pixels; "

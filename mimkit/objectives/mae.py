@@ -20,14 +20,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import opt
-from ..data import PixelSpec, fit_images
+from ..data import PixelSpec
 from ..errors import ConfigError
 from ..masking import MASKINGS, draw_mask, mask_to_ids
 from ..models import MaskedAutoencoder, create_mae, encoder_overrides, patchify
 from ..models.presets import ENCODERS
 from ..models.vq import VQTokenizer, tokenizer_grid_matches
 from .base import (FrozenTokenizer, ObjectiveOptions, check_positive, encode_with_mask_tokens, masked_mean,
-                   open_tokenizer, patch_grid, resolve_mask_ratio)
+                   open_tokenizer, patch_grid, resolve_mask_ratio, training_images)
 from .targets import PCATarget
 
 TARGETS = ("pixels", "norm_pixels", "pca", "tokens")
@@ -130,8 +130,8 @@ class MAEObjective(nn.Module):
                   pca_components=pca_components, tokenizer_arch=dict(tok.arch) if tok else None,
                   min_block=options.min_block, tokenizer=tok)
         if obj.pca is not None:
-            images = fit_images(cfg.data, cfg.val_fraction, options.pca_images, model.encoder.arch["img_size"],
-                                PixelSpec.from_dict(cfg.pixels) if cfg.pixels else None)
+            images = training_images(cfg, options.pca_images, model.encoder.arch["img_size"],
+                                     PixelSpec.from_dict(cfg.pixels) if cfg.pixels else None)
             obj.pca.fit(patchify(images, model.patch_size))
         return obj
 
