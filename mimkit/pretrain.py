@@ -10,7 +10,7 @@ from .data import (PixelSpec, check_sample, make_loader, open_images, resolve_pi
 from .data.hfdata import dataset_options
 from .engine import TrainResult, effective_lr, fit, pretrain_optimizer
 from .run import start
-from .objectives import check_objective, get_objective
+from .objectives import check_channels, check_objective, get_objective
 from .checkpoints import load_mae
 from .data import load_image, load_input
 from .errors import BadImage
@@ -85,10 +85,7 @@ def _resolve_pixels(cfg, source, train_idx) -> PixelSpec:
             raise ConfigError(f"--pixels: not a pixel spec ({e}); leave it empty to resolve it from the data") from None
     else:
         spec = resolve_pixels(source, train_idx, cfg.in_chans, cfg.value_range, cfg.mean, cfg.std)
-    rgb_only = getattr(get_objective(cfg.objective), "rgb_only", None)
-    if spec.in_chans != 3 and rgb_only:
-        raise ConfigError(f"--objective {cfg.objective} works on RGB images only ({rgb_only}); the data has "
-                          f"{spec.in_chans} channel(s): use mae, simmim or vit_mpp")
+    check_channels(cfg.objective, spec.in_chans)
     if spec != PixelSpec():
         log.info("input: %s", spec.describe())
     return spec

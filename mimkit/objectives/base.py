@@ -4,6 +4,7 @@
   fields, parsed from ``objective_args`` by the same machinery as command options (``config.build_options``);
 - ``resolve_mask_ratio``: ``objective_args.mask_ratio``, else ``--mask-ratio``, else the objective's paper value;
 - ``make_encoder``: the ``--model`` encoder, initialised as MAE initialises its own (``models.mae.init_like_mae``);
+- ``require_rgb``: the RGB-only rule, of objectives (``rgb_only``) and of targets;
 - ``patch_grid``: the grid of patches of a batch; ``training_images``: the sample palettes and PCA bases fit on;
 - ``open_tokenizer`` / ``FrozenTokenizer``: the trained VQ tokenizer BEiT and MAE's token target predict;
 - ``encode_with_mask_tokens`` / ``masked_mean``: the encoder over every position with hidden ones as a mask token;
@@ -71,6 +72,12 @@ def make_encoder(cfg):
     except ValueError as e:
         raise ConfigError(f"--model: {e}") from None
     return init_like_mae(encoder)
+
+
+def require_rgb(in_chans: int, what: str, why: str, fix: str = ""):
+    """The one RGB rule: ``what`` (an objective, or one of its targets) works on 3-channel images only."""
+    if in_chans != 3:
+        raise ConfigError(f"{what} works on RGB images only ({why}); the data has {in_chans} channel(s){fix}")
 
 
 def patch_grid(images: torch.Tensor, patch_size: int) -> Tuple[int, int]:

@@ -27,7 +27,8 @@ from ..models import MaskedAutoencoder, create_mae, encoder_overrides, patchify
 from ..models.presets import ENCODERS
 from ..models.vq import VQTokenizer, tokenizer_grid_matches
 from .base import (FrozenTokenizer, ObjectiveOptions, check_positive, encode_with_mask_tokens, masked_mean,
-                   open_tokenizer, patch_grid, resolve_mask_ratio, training_images)
+                   open_tokenizer, patch_grid, require_rgb, resolve_mask_ratio,
+                   training_images)
 from .targets import PCATarget
 
 TARGETS = ("pixels", "norm_pixels", "pca", "tokens")
@@ -105,10 +106,8 @@ class MAEObjective(nn.Module):
         extra = encoder_overrides(cfg)
         target = options.target or ("norm_pixels" if cfg.norm_pix_loss else "pixels")
         tok, pred_dim, pca_components = None, None, options.pca_components
-        if target == "tokens" and extra.get("in_chans", 3) != 3:
-            raise ConfigError(f"--objective-args: target tokens of objective mae needs RGB images (its tokenizer); "
-                              f"the data has {extra['in_chans']} channel(s)")
         if target == "tokens":
+            require_rgb(extra.get("in_chans", 3), "--objective-args: target tokens of objective mae", "its tokenizer")
             tok = open_tokenizer("mae", options.tokenizer)
             pred_dim = tok.codebook_size
         elif target == "pca":  # MAE kept 96 of 768 dimensions at patch 16: an eighth

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..masking import random_masking, uniform
 from ..models import MaskedViT
 from .base import MaskTokenObjective, ObjectiveOptions, check_fraction, check_positive, make_encoder, masked_mean, \
-    patch_grid, resolve_mask_ratio
+    patch_grid, require_rgb, resolve_mask_ratio
 from .targets import mean_colour_classes, mosaic_classes, pixel_target
 
 TARGETS = ("mean_colour", "mosaic", "pixels")
@@ -82,9 +82,9 @@ class ViTMPPObjective(MaskTokenObjective):
     def from_config(cls, cfg, options: ViTMPPOptions) -> "ViTMPPObjective":
         ratio = resolve_mask_ratio(cfg, options.mask_ratio, cls.paper_mask_ratio)
         encoder = make_encoder(cfg)
-        if options.target != "pixels" and encoder.in_chans != 3:
-            raise ConfigError(f"--objective-args: target {options.target} of objective vit_mpp is an RGB colour class; "
-                              f"the data has {encoder.in_chans} channel(s): use target: pixels")
+        if options.target != "pixels":
+            require_rgb(encoder.in_chans, f"--objective-args: target {options.target} of objective vit_mpp",
+                        "an RGB colour class", ": use target: pixels")
         if options.target == "mosaic" and encoder.patch_size % options.mosaic_size:
             raise ConfigError(f"--objective-args: mosaic_size {options.mosaic_size} must divide the patch size "
                               f"{encoder.patch_size} of {cfg.model}")
