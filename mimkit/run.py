@@ -41,8 +41,7 @@ class Run:
     def record(self, cfg):
         """Write ``config.yaml`` and the resolved values into ``run.json`` (main process); return the config."""
         recorded = self.config(cfg)
-        if self.env.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
+        if self.env.is_main:  # the folder exists: start claimed it
             save_config(recorded, self.output / "config.yaml")
             facts = {"mask_ratio": self.mask_ratio} if self.mask_ratio is not None else {}
             if self.pixels is not None:
