@@ -18,7 +18,7 @@ install:
 # of pretraining move it (the CIFAR-10 results in the README measure it on 5,000).
 demo: install
 	$(PYTHON) -m mimkit.cli pretrain --config configs/demo.yaml --output $(DEMO) --overwrite
-	$(PYTHON) -m mimkit.cli reconstruct --checkpoint $(DEMO) --images builtin --val-fraction 0.1 --output $(DEMO)/figures
+	$(PYTHON) -m mimkit.cli reconstruct --checkpoint $(DEMO) --data builtin --val-fraction 0.1 --output $(DEMO)/figures
 
 # two test processes (pytest-xdist): most tests run one thread, so the 2-core machine runs two at once
 test: install
@@ -26,7 +26,7 @@ test: install
 
 bench: install
 	$(PIP) install -q -e ".[bench]"
-	$(PYTHON) -m mimkit.cli bench --out runs/bench.json
+	$(PYTHON) -m mimkit.cli bench --output runs/bench.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -5,27 +5,43 @@ import sys
 import typing
 
 from . import config as C
+from .errors import did_you_mean
+from .bench import bench
+from .checkpoints.export import export_command
+from .data.shards import shards_command
+from .eval.finetune import finetune
+from .explore import explore
+from .eval.knn import knn
+from .eval.linprobe import linprobe
+from .features import embed_command
+from .pretrain import pretrain
+from .sweep import sweep
+from .tokenizer import tokenizer_command
+from .viz import reconstruct, viz
+from .errors import CheckpointError, ConfigError, DataError, DivergedError, Preempted
+from .models import ENCODERS
+from .objectives import OBJECTIVES, describe
 
-# name -> (options class, "module:function" run with the loaded config, one-line help)
+# name -> (options class, the API function run with the loaded config, one-line help)
 COMMANDS = {
-    "pretrain": (C.PretrainConfig, "mimkit.pretrain:pretrain", "pretrain an encoder with a masked-image objective"),
-    "knn": (C.KnnConfig, "mimkit.eval.knn:knn", "weighted k-NN accuracy on frozen features"),
-    "linprobe": (C.LinprobeConfig, "mimkit.eval.linprobe:linprobe", "linear probe on frozen features"),
-    "finetune": (C.FinetuneConfig, "mimkit.eval.finetune:finetune", "fine-tune the encoder end to end"),
-    "reconstruct": (C.ReconstructConfig, "mimkit.viz:reconstruct", "figures of masked images and their reconstructions"),
-    "export": (C.ExportConfig, "mimkit.checkpoints.export:export_command",
+    "pretrain": (C.PretrainConfig, pretrain, "pretrain an encoder with a masked-image objective"),
+    "knn": (C.KnnConfig, knn, "weighted k-NN accuracy on frozen features"),
+    "linprobe": (C.LinprobeConfig, linprobe, "linear probe on frozen features"),
+    "finetune": (C.FinetuneConfig, finetune, "fine-tune the encoder end to end"),
+    "reconstruct": (C.ReconstructConfig, reconstruct, "figures of masked images and their reconstructions"),
+    "export": (C.ExportConfig, export_command,
                "write weights as timm, Hugging Face ViTMAE or official MAE checkpoints"),
-    "embed": (C.EmbedConfig, "mimkit.features:embed_command", "features of a folder of images, to a .npy file"),
-    "viz": (C.VizConfig, "mimkit.viz:viz", "figures of what an encoder learned: attention, pca or neighbours "
-            "(PNG, numbers in JSON beside)"),
-    "explore": (C.ExploreConfig, "mimkit.explore:explore",
+    "embed": (C.EmbedConfig, embed_command, "features of a folder of images, to a .npy file"),
+    "viz": (C.VizConfig, viz, "figures of what an encoder learned: attention, pca or neighbours (PNG, numbers in JSON "
+            "beside)"),
+    "explore": (C.ExploreConfig, explore,
                 "a local web page: reconstructions, attention, features and neighbours of checkpoints side by side"),
-    "tokenizer": (C.TokenizerConfig, "mimkit.tokenizer:tokenizer_command",
+    "tokenizer": (C.TokenizerConfig, tokenizer_command,
                   "train a discrete visual tokenizer (VQ-VAE) for BEiT: mimkit tokenizer train"),
-    "sweep": (C.SweepConfig, "mimkit.sweep:sweep", "pretrain and evaluate a grid or list of runs; a table and plots"),
-    "shards": (C.ShardsConfig, "mimkit.data.shards:shards_command",
+    "sweep": (C.SweepConfig, sweep, "pretrain and evaluate a grid or list of runs; a table and plots"),
+    "shards": (C.ShardsConfig, shards_command,
                "write images as webdataset tar shards for streaming (--data 'OUT/shard-{000000..000009}.tar')"),
-    "bench": (C.BenchConfig, "mimkit.bench:bench", "time pretraining steps against the peers (HF ViTMAE, lightly)"),
+    "bench": (C.BenchConfig, bench, "time pretraining steps against the peers (HF ViTMAE, lightly)"),
 }
 
 
@@ -38,18 +54,18 @@ def add_options(parser: argparse.ArgumentParser, cls):
     for f, typ in C.option_fields(cls):
         help_ = f.metadata.get("help", "")
         if cls is C.PretrainConfig and f.name == "objective":
-            from .objectives import OBJECTIVES
             help_ = f"pretraining objective: {', '.join(OBJECTIVES)} (`mimkit objectives` describes each)"
         default = f.default if f.default is not C.dataclasses.MISSING else "{}"
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{help_} (default: {default})")
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
+        flags = [C.flag(f.name)] + [C.flag(a) for a in f.metadata.get("aliases", ())]  # old spellings still work
         if typ is bool:
-            parser.add_argument(C.flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(typ) in (dict, typing.Dict):
-            parser.add_argument(C.flag(f.name), type=_yaml_mapping, metavar="YAML", **kw)
+            parser.add_argument(*flags, type=_yaml_mapping, metavar="YAML", **kw)
         else:
-            parser.add_argument(C.flag(f.name), type=str, metavar=f.name.upper(), **kw)
+            parser.add_argument(*flags, type=str, metavar=f.name.upper(), **kw)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -60,12 +76,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _suggest(command: str, flags: list) -> str:
-    import difflib
     if command not in COMMANDS:
         return ""
     known = ["--config"] + [C.flag(f.name) for f, _ in C.option_fields(COMMANDS[command][0])]
-    close = difflib.get_close_matches(flags[0].split("=")[0], known, n=1)
-    return f"; did you mean {close[0]}?" if close else ""
+    return did_you_mean(flags[0].split("=")[0], known)
 
 
 def _yaml_mapping(text: str):
@@ -105,12 +119,6 @@ def _positionals(parser, args: dict, extra: list) -> dict:
     return args
 
 
-def _resolve(target: str):
-    import importlib
-    module, fn = target.split(":")
-    return getattr(importlib.import_module(module), fn)
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -119,23 +127,20 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     command = args.pop("command")
     if command == "models":
-        from .models import ENCODERS
         for name, a in sorted(ENCODERS.items()):
             print(f"{name:24s} {a['img_size']:>4d}px patch {a['patch_size']:<2d} width {a['embed_dim']:<5d} "
                   f"depth {a['depth']:<3d} heads {a['num_heads']}")
         return 0
     if command == "objectives":
-        from .objectives import describe
         print(describe())
         return 0
-    cls, target, _ = COMMANDS[command]
-    from .errors import CheckpointError, ConfigError, DataError, DivergedError, Preempted
+    cls, run, _ = COMMANDS[command]
     try:
         path = args.pop("config", None)
         if path is None and cls is C.SweepConfig:  # `mimkit sweep CONFIG`: the bare argument is the YAML file
             path = args.pop("file", None)
         cfg = C.load_config(cls, path, args)
-        _resolve(target)(cfg)
+        run(cfg)
     except (ConfigError, DataError, CheckpointError, DivergedError) as e:
         print(f"mimkit {command}: error: {e}", file=sys.stderr)
         return 2
@@ -160,14 +165,15 @@ def _peer_lost(e: RuntimeError):
     import os
     import re
     import torch.distributed as dist
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = C.world_size()
+    if world <= 1:
         return None
     text = str(e).replace("\n", " ")
     dist_error = isinstance(e, getattr(dist, "DistError", ()))
     if not dist_error and not re.search(r"[Cc]onnection (closed|reset) by peer|[Tt]imed out|NCCL|gloo", text):
         return None
     return (f"another process of this job stopped or cannot be reached (rank {os.environ.get('RANK', '?')} of "
-            f"{os.environ['WORLD_SIZE']}: {text[:200]}); the other processes' logs say why; the last checkpoint is "
+            f"{world}: {text[:200]}); the other processes' logs say why; the last checkpoint is "
             f"kept (--resume continues from it)")
 
 

@@ -6,7 +6,6 @@ overrides, rejects unknown keys (suggesting the nearest name) and wrong types, t
 runs the class's ``validate`` so bad values fail in one line before any work starts.
 """
 import dataclasses
-import difflib
 import math
 import os
 import re
@@ -17,14 +16,18 @@ from typing import Any, Dict, Optional
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
+from .files import write_yaml
+from .models import ENCODERS
 # parse_floats: importable from its old home
 from .pixels import PixelOptions, parse_band_names, parse_floats, parse_pixel_options  # noqa: F401
 
 
-def opt(default, help: str, choices=None, positional: bool = False):
-    """A field with its help text; ``positional=True`` also lets the CLI take it as a bare argument, in field order."""
-    return field(default=default, metadata={"help": help, "choices": choices, "positional": positional})
+def opt(default, help: str, choices=None, positional: bool = False, aliases=()):
+    """A field with its help text; ``positional=True`` also lets the CLI take it as a bare argument, in field order;
+    ``aliases``: old names still read from YAML files and flags (``--images`` for ``--data``)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "positional": positional,
+                                            "aliases": tuple(aliases)})
 
 
 def flag(name: str) -> str:
@@ -209,14 +212,17 @@ class FinetuneConfig(EvalOptions, OptimOptions, EngineOptions):
             raise ConfigError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
         if not 0 < self.crop_scale <= 1:
             raise ConfigError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            raise ConfigError(f"mixup / cutmix pair images within a batch: --batch-size must be even, got "
+                              f"{self.batch_size}")
 
 
 @dataclass
 class ReconstructConfig(RunOptions):
     output: str = opt("runs/reconstruct", "folder of the figures and their scores")
     checkpoint: str = opt("", "MAE checkpoint with its decoder")
-    images: str = opt("builtin", "image folder, archive, a single image file or 'builtin'")
-    num_images: int = opt(8, "how many images to show (spread over the classes of --images, seeded by --seed)")
+    data: str = opt("builtin", "images: what pretrain's --data reads, or a single image file", aliases=["images"])
+    num_images: int = opt(8, "how many images to show (spread over the classes of --data, seeded by --seed)")
     mask_ratio: float = opt(0.75, "fraction of patches hidden")
     grid: bool = opt(True, "one PNG grid (else one PNG per image)")
     val_fraction: float = opt(0.0, "show and score held-out images: the last fraction of each class, as "
@@ -235,6 +241,7 @@ class ReconstructConfig(RunOptions):
         if not self.checkpoint:
             raise ConfigError("--checkpoint is required")
         check_file(self.checkpoint, "--checkpoint")
+        check_data(self.data)
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
         if self.num_images < 1:
@@ -249,25 +256,26 @@ class ExportConfig:
     checkpoint: str = opt("", "weights to convert: a mimkit checkpoint or run directory, an official MAE .pth, a Hugging "
                               "Face ViTMAE directory or timm weights", positional=True)
     to: str = opt("timm", "target format", ["timm", "hf", "mae"])
-    out: str = opt("", "where to write: timm: a .safetensors/.pth file or a directory (config.json + weights); hf: a "
-                       "directory; mae: a .pth (or .safetensors) file", positional=True)
+    output: str = opt("", "where to write: timm: a .safetensors/.pth file or a directory (config.json + weights); hf: "
+                          "a directory; mae: a .pth (or .safetensors) file", positional=True, aliases=["out"])
     encoder_only: bool = opt(False, "export the encoder only (hf: a ViTMAEModel; mae: the encoder-only release layout)")
-    force: bool = opt(False, "overwrite OUT if it exists")
+    force: bool = opt(False, "overwrite OUTPUT if it exists")
 
     def validate(self):
-        for name in ("checkpoint", "out"):
+        for name in ("checkpoint", "output"):
             if not getattr(self, name):
-                raise ConfigError(f"{name.upper()} is required: mimkit export CHECKPOINT --to timm|hf|mae OUT")
+                raise ConfigError(f"{name.upper()} is required: mimkit export CHECKPOINT --to timm|hf|mae OUTPUT")
         check_file(self.checkpoint, "CHECKPOINT")
-        if Path(self.out).exists() and not self.force:
-            raise ConfigError(f"OUT {self.out} exists; pass --force to overwrite it")
+        if Path(self.output).exists() and not self.force:
+            raise ConfigError(f"OUTPUT {self.output} exists; pass --force to overwrite it")
 
 
 @dataclass
 class EmbedConfig:
     checkpoint: str = opt("", "encoder weights: any format `mimkit export` reads", positional=True)
-    images: str = opt("", "image folder, .tar/.tar.gz of one, or 'builtin'", positional=True)
-    out: str = opt("", "features file (.npy); the image names go beside it in a .txt file", positional=True)
+    data: str = opt("", "images: what pretrain's --data reads", positional=True, aliases=["images"])
+    output: str = opt("", "features file (.npy); the image names go beside it in a .txt file", positional=True,
+                      aliases=["out"])
     pool: str = opt("cls", "class token, mean of patch tokens, or every token", ["cls", "mean", "all"])
     band_names: str = opt("", "the bands' names in file order (as pretrain's; '' : the TIFF's band descriptions)")
     img_size: int = opt(0, "input size in px (0: the checkpoint's; others interpolate the position embeddings)")
@@ -277,11 +285,12 @@ class EmbedConfig:
     num_workers: int = opt(-1, "data loader worker processes (-1: automatic)")
 
     def validate(self):
-        for name in ("checkpoint", "images", "out"):
+        for name in ("checkpoint", "data", "output"):
             if not getattr(self, name):
-                raise ConfigError(f"{name.upper()} is required: mimkit embed CHECKPOINT IMAGES OUT.npy")
+                raise ConfigError(f"{name.upper()} is required: mimkit embed CHECKPOINT DATA OUTPUT.npy")
         parse_band_names(self.band_names)
         check_file(self.checkpoint, "CHECKPOINT")
+        check_data(self.data, "DATA")
         check_positive(self, "batch_size")
         if self.img_size < 0:
             raise ConfigError(f"--img-size must be >= 0, got {self.img_size}")
@@ -447,18 +456,18 @@ BENCH_CONFIGS = ("tiny32", "base224", "micro32")  # mimkit.bench.CONFIGS
 
 @dataclass
 class ShardsConfig:
-    src: str = opt("", "images to write: a folder, .tar/.tar.gz archive or anything --data opens", positional=True)
-    out: str = opt("", "folder for the shards (shard-000000.tar, ...)", positional=True)
+    data: str = opt("", "images to write: what pretrain's --data reads", positional=True, aliases=["src"])
+    output: str = opt("", "folder for the shards (shard-000000.tar, ...)", positional=True, aliases=["out"])
     shard_size: int = opt(1000, "images per shard")
     shuffle: bool = opt(True, "write the images in a seeded random order (the reader shuffles only within a buffer, "
                         "so shards of class-sorted folders would give batches of one class)")
     seed: int = opt(0, "seed of the --shuffle order")
 
     def validate(self):
-        for name in ("src", "out"):
+        for name in ("data", "output"):
             if not getattr(self, name):
-                raise ConfigError(f"{name.upper()} is required: mimkit shards SRC OUT --shard-size N")
-        check_file(self.src, "SRC")
+                raise ConfigError(f"{name.upper()} is required: mimkit shards DATA OUTPUT --shard-size N")
+        check_data(self.data, "DATA")
         check_positive(self, "shard_size")
 
 
@@ -487,7 +496,7 @@ class BenchConfig:
     threads: int = opt(0, "CPU threads for torch, the same for every contestant (0: torch's default)")
     num_workers: int = opt(-1, "data loader worker processes (-1: automatic)")
     seed: int = opt(0, "random seed")
-    out: str = opt("", "write every measurement as JSON to this file")
+    output: str = opt("", "write every measurement as JSON to this file", aliases=["out"])
 
     def validate(self):
         for name, allowed in (("configs", BENCH_CONFIGS), ("precision", ("auto", "fp32", "bf16")),
@@ -517,6 +526,12 @@ def check_file(path: str, option: str):
         raise ConfigError(f"{option}: no such file or directory: {path}")
 
 
+def check_data(path: str, option: str = "--data"):
+    """What every command that reads images takes: the embedded sample, or a path (patterns, URLs, hfds:)."""
+    if path not in ("builtin", "builtin:sample"):
+        check_file(path, option)
+
+
 def check_common(cfg):
     check_positive(cfg, "epochs", "batch_size", "accum_steps")
     for n in ("base_lr", "lr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "time_limit"):
@@ -540,7 +555,7 @@ def check_common(cfg):
 
 
 def world_size() -> int:
-    """Processes in this run, as torchrun announces them (1 outside torchrun)."""
+    """Processes in this run, as torchrun announces them (1 outside torchrun): the one reading of WORLD_SIZE."""
     try:
         return max(1, int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError:
@@ -560,23 +575,19 @@ def check_run(cfg):
     if cfg.batch_size < world:
         raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the {world} processes (WORLD_SIZE); "
                           f"it must be >= {world}")
-    data = getattr(cfg, "data", "builtin")
-    if data not in ("builtin", "builtin:sample"):
-        check_file(data, "--data")
+    check_data(getattr(cfg, "data", "builtin"))
     if hasattr(cfg, "in_chans"):
         pixel_options(cfg)
 
 
 def check_choice(name: str, value, allowed):
     if value not in allowed:
-        close = difflib.get_close_matches(str(value), list(allowed), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        hint = did_you_mean(value, allowed, before=" (", after=")")
         raise ConfigError(f"{flag(name)} must be one of {', '.join(sorted(allowed))}; got {value!r}{hint}")
 
 
 def check_model(cfg, name: str, option: str = "model"):
     """A known encoder preset whose patch size divides the image size."""
-    from .models import ENCODERS
     check_choice(option, name, ENCODERS)
     size, patch = cfg.img_size or ENCODERS[name]["img_size"], ENCODERS[name]["patch_size"]
     if size % patch:
@@ -671,11 +682,16 @@ def build_options(cls, values: dict, label=flag):
     """An options dataclass from a mapping: unknown keys (with the nearest name), types and choices checked, then
     ``validate()``. ``label`` names a key in messages (``--key`` for command options)."""
     known = {f.name: t for f, t in option_fields(cls)}
+    values = dict(values)
+    for f, _ in option_fields(cls):  # old spellings: --images for --data, --out for --output
+        for old in f.metadata.get("aliases", ()):
+            if old in values:
+                if f.name in values:
+                    raise ConfigError(f"{label(f.name)} given twice ({label(old)} is its old name)")
+                values[f.name] = values.pop(old)
     for key in values:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {label(close[0])}?" if close else ""
-            raise ConfigError(f"unknown option {label(key)}{hint}")
+            raise ConfigError(f"unknown option {label(key)}{did_you_mean(key, known, label)}")
     kwargs = {}
     for f, typ in option_fields(cls):
         if f.name in values:
@@ -695,5 +711,4 @@ def to_dict(cfg) -> dict:
 
 
 def save_config(cfg, path: Path):
-    from .files import write_yaml
     write_yaml(path, to_dict(cfg))

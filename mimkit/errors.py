@@ -2,6 +2,7 @@
 
 This module imports nothing from mimkit, so any module may import it without creating an import circle.
 """
+import difflib
 
 
 class MimkitError(ValueError):
@@ -37,3 +38,10 @@ class DivergedError(RuntimeError):
 
 class Preempted(RuntimeError):
     """Raised after a SIGTERM once the checkpoint is on disk."""
+
+
+def did_you_mean(word, choices, show=str, before: str = "; ", after: str = "") -> str:
+    """The one spelling hint of every error message: ``'; did you mean X?'`` for the choice closest to ``word``
+    (difflib's), or '' when none is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f"{before}did you mean {show(close[0])}?{after}" if close else ""

@@ -38,7 +38,12 @@ import torch
 from PIL import Image
 
 from . import views
+from .checkpoints import load, read
+from .data import decode_image, load_input, open_images, spread_over_classes
+from .data.source import BytesSource, FolderSource
 from .errors import BadImage, CheckpointError, ConfigError, DataError
+from .features import checkpoint_id
+from .models import MaskedAutoencoder
 
 log = logging.getLogger("mimkit")
 MAX_UPLOADS = 32  # uploads kept in memory (the oldest goes first)
@@ -58,8 +63,6 @@ class Model:
     """One checkpoint as the page shows it: its encoder, its MAE when it reconstructs pixels, its index."""
 
     def __init__(self, path: str):
-        from .checkpoints import load, read
-        from .models import MaskedAutoencoder
         src = read(path)
         model = load(src)
         self.path, self.label = path, Path(path.rstrip("/")).name or path
@@ -69,7 +72,7 @@ class Model:
         self.encoder = model.encoder if hasattr(model, "encoder") else model
         views.check_vit(self.encoder)
         self.encoder.eval()
-        self.pixels = views.model_pixels(self.encoder)
+        self.pixels = self.encoder.pixels
         self.size = self.encoder.arch["img_size"]
         self.index: Optional[views.FeatureIndex] = None
         self.index_state = {"state": "none", "done": 0, "total": 0}
@@ -137,11 +140,9 @@ class Explorer:
 
     def __init__(self, models: List[Model], data: str, bands=None, max_pixels: int = 50_000_000,
                  max_upload_bytes: int = 64 * 2 ** 20, pca_images: int = 64, index_batch: int = 64):
-        from .data import open_images
-        from .data.source import FolderSource
         self.models, self.bands = models, bands
-        for m in models:
-            views.check_bands(bands, m.pixels.in_chans)
+        for m in models:  # --bands: the roles shown as red, green, blue (a bad one is a one-line error at start)
+            m.pixels = views.with_bands(m.pixels, bands)
         self.source = open_images(data)
         self.max_pixels, self.max_upload_bytes = max_pixels, max_upload_bytes
         self.pca_images, self.index_batch = pca_images, index_batch
@@ -207,8 +208,6 @@ class Explorer:
         return self.prepared[key]
 
     def upload(self, filename: str, data: bytes) -> dict:
-        from .data import decode_image, load_input
-        from .data.source import BytesSource
         name = Path(filename.replace("\\", "/")).name or "upload"
         if len(data) > self.max_upload_bytes:
             raise BadImage(name, f"is over {self.max_upload_bytes:,} bytes, the limit (--max-upload-mb)")
@@ -236,7 +235,7 @@ class Explorer:
     def thumbnail(self, ref: dict, model: int = 0) -> bytes:
         m = self.model(model)
         with self.lock:
-            return png(views.display_images(self.inputs(m, ref), m.pixels, self.bands)[0])
+            return png(views.display_images(self.inputs(m, ref), m.pixels)[0])
 
     def model(self, k: int) -> Model:
         if not 0 <= k < len(self.models):
@@ -253,7 +252,7 @@ class Explorer:
         _, _, key = self.image(ref)
         with self.lock:
             x = self.inputs(m, ref)
-            out = views.reconstruction(m.mae, x, [key], ratio, seed, kind, self.bands)
+            out = views.reconstruction(m.mae, x, [key], ratio, seed, kind, m.pixels)
         mask = out["mask"][0]
         return {"panels": [data_url(p) for p in out["panels"][0]], "error_map": data_url(out["error_map"][0]),
                 "loss": out["loss"][0].item(), "zero_loss": out["zero_loss"][0].item(), "hidden": int(mask.sum()),
@@ -271,7 +270,7 @@ class Explorer:
                 shown = maps[int(head)]
             else:
                 raise ConfigError(f"head must be 'mean' or in 0..{maps.shape[0] - 1}; got {head}")
-            overlay = views.attention_overlay(views.display_images(x, m.pixels, self.bands), shown.unsqueeze(0))
+            overlay = views.attention_overlay(views.display_images(x, m.pixels), shown.unsqueeze(0))
         return {"overlay": data_url(overlay[0]), "weights": shown.flatten().tolist(), "block": block, "head": head}
 
     def pca(self, ref: dict, model: int, fit: str = "image") -> dict:
@@ -292,7 +291,6 @@ class Explorer:
         return {"image": data_url(picture), "explained": pca["explained"], "fit": fit}
 
     def sample_features(self, m: Model) -> torch.Tensor:
-        from .data import spread_over_classes
         picks = spread_over_classes(self.source, self.allowed, 0)[:self.pca_images]
         feats = [views.patch_features(m.encoder, x) for x, _ in views.load_images(self.source, picks, m.size, m.pixels)]
         return torch.cat(feats).flatten(0, 1)
@@ -338,7 +336,6 @@ class Explorer:
 
     def use_index(self, path: str):
         """A ``mimkit embed`` output as the index of the checkpoint it was made from (checked)."""
-        from .features import checkpoint_id
         meta = Path(path).with_suffix(".json")
         made_from = json.loads(meta.read_text()).get("checkpoint") if meta.is_file() else None
         for m in self.models:
@@ -457,7 +454,7 @@ def explore(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     models = load_models(cfg.checkpoint)
-    explorer = Explorer(models, cfg.data, views.parse_bands(cfg.bands), cfg.max_pixels,
+    explorer = Explorer(models, cfg.data, cfg.bands, cfg.max_pixels,
                         int(cfg.max_upload_mb * 2 ** 20), cfg.pca_images)
     for path in [p.strip() for p in cfg.index.split(",") if p.strip()]:
         explorer.use_index(path)

@@ -22,6 +22,9 @@ import torch.nn.functional as F
 
 from .files import write_json, write_text, write_via
 from .models import MaskedAutoencoder
+from .checkpoints import load
+from .data import make_loader, open_images, reuse_pixels
+from .errors import ConfigError
 
 log = logging.getLogger("mimkit")
 POOLS = ("cls", "mean", "all")
@@ -62,7 +65,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        from .errors import ConfigError
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
     return torch.device(name)
 
@@ -76,8 +78,6 @@ def embed(checkpoint, images, out, *, pool: str = "cls", img_size: int = 0, batc
     written. ``img_size`` 0 uses the checkpoint's resolution; ``band_names`` (else the TIFF's band descriptions)
     meet the checkpoint's by name. Returns {features, names, shape}.
     """
-    from .checkpoints import load
-    from .data import make_loader, open_images, reuse_pixels
     model = load(checkpoint)
     enc = _encoder(model)
     dev = _device(device)
@@ -116,5 +116,5 @@ def embed_command(cfg) -> dict:
     """CLI ``mimkit embed CHECKPOINT IMAGES OUT.npy``."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    return embed(cfg.checkpoint, cfg.images, cfg.out, pool=cfg.pool, img_size=cfg.img_size, batch_size=cfg.batch_size,
+    return embed(cfg.checkpoint, cfg.data, cfg.output, pool=cfg.pool, img_size=cfg.img_size, batch_size=cfg.batch_size,
                  device=cfg.device, num_workers=cfg.num_workers, band_names=cfg.band_names)

@@ -14,6 +14,10 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .data import make_loader
+from .eval.common import loader_features, topk_accuracy
+from .eval.knn import knn_scores
+from .viz import reconstruction_panels
 
 log = logging.getLogger("mimkit")
 
@@ -39,7 +43,6 @@ class OnlineEval:
     def __init__(self, objective, source, train_idx, val_idx, *, every: float, images: int, img_size: int,
                  device, precision: str = "fp32", k: int = 20, temperature: float = 0.07, mask_ratio: float = 0.75,
                  seed: int = 0, pool: str = "cls", pixels=None):
-        from .data import make_loader
         self.objective, self.every, self.k, self.temperature = objective, every, k, temperature
         self.device, self.precision, self.pool, self.mask_ratio, self.seed = device, precision, pool, mask_ratio, seed
         check_online_eval(source, val_idx)
@@ -57,12 +60,9 @@ class OnlineEval:
         self.num_images = (len(bank), len(queries))
 
     def features(self, loader):
-        from .eval.features import loader_features
         return loader_features(self.objective.encoder, loader, self.pool, self.device, self.precision)
 
     def knn_top1(self) -> float:
-        from .eval.features import topk_accuracy
-        from .eval.knn import knn_scores
         (bank, bank_y), (queries, query_y) = self.features(self.bank), self.features(self.queries)
         scores = knn_scores(bank, bank_y, queries, self.num_classes, self.k, self.temperature)
         return topk_accuracy(scores, query_y, ks=(1,))["top1"]
@@ -71,7 +71,6 @@ class OnlineEval:
         model = getattr(self.objective, "model", None)
         if model is None or not hasattr(model, "reconstruct") or not getattr(self.objective, "pixel_output", True):
             return None
-        from .viz import reconstruction_panels
         was_training = model.training
         model.eval()
         images = next(iter(self.queries))[0][:8]

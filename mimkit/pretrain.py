@@ -1,42 +1,38 @@
 """``pretrain(cfg)``: build the objective, the data and the optimizer, then run the engine."""
 import logging
-from pathlib import Path
 
 import torch
-from timm.optim import create_optimizer_v2
 
-from .config import PretrainConfig, save_config
+from .config import PretrainConfig
 from .errors import ConfigError
 from .data import (PixelSpec, check_sample, make_loader, open_images, resolve_pixels, split_train_val,
                    spread_over_classes)
 from .data.hfdata import dataset_options
-from .engine import TrainResult, effective_lr, fit, seed_everything, setup
-from .objectives import check_objective, get_objective
-from . import rundir
+from .engine import TrainResult, effective_lr, fit, pretrain_optimizer
+from .run import start
+from .objectives import check_channels, check_objective, get_objective
+from .checkpoints import load_mae
+from .data import load_image, load_input
+from .errors import BadImage
+from .monitor import OnlineEval, check_online_eval
+from .precision import resolve
+from .viz import reconstruction_grid
 
 log = logging.getLogger("mimkit")
 
 
-
-def pretrain_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """MAE's AdamW (betas 0.9, 0.95) with timm's parameter groups (no decay on norms, biases, tokens, position
-    embeddings); fused: one kernel over all parameters, 3-4x faster than the per-tensor loop on the CPU
-    (`mimkit bench`)."""
-    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=True)
-
 def pretrain(cfg: PretrainConfig) -> TrainResult:
-    """Pretrain on ``cfg.data`` (its training split only) and write everything to ``cfg.output``."""
+    """Pretrain on ``cfg.data`` (its training split only) and write everything to ``--output``."""
     options = check_objective(cfg)  # the objective's name and options, before any work starts
-    env = setup(cfg)
-    rundir.prepare(cfg, "pretrain", env)  # a new folder, or refuse to overwrite another run
-    seed_everything(cfg.seed)
+    run = start(cfg, "pretrain")  # the environment, a new folder (or refuse to overwrite another run), the seeds
+    env = run.env
     source = open_images(cfg.data, **dataset_options(cfg))
     train_idx, val_idx = split_train_val(source, cfg.val_fraction)
-    pixels = _resolve_pixels(cfg, source, train_idx)
-    objective = get_objective(cfg.objective).from_config(cfg, options)
+    run = run.derive(pixels=_resolve_pixels(cfg, source, train_idx))
+    objective = get_objective(cfg.objective).from_config(run.config(cfg), options)
     if getattr(objective, "mask_ratio", None) is not None:
-        # the config a run records names the ratio it trained at (None on the command line: the paper's)
-        cfg.mask_ratio = float(objective.mask_ratio)
+        run = run.derive(mask_ratio=float(objective.mask_ratio))  # None on the command line: the paper's
+    pixels = run.pixels
     encoder = objective.encoder
     img_size, patch = encoder.arch["img_size"], encoder.arch["patch_size"]
     if img_size % patch:
@@ -54,37 +50,34 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
 
     lr = effective_lr(cfg, env)
     optimizer = pretrain_optimizer(objective, lr, cfg.weight_decay)
-    run_dir = Path(cfg.output)
+    recorded = run.record(cfg)  # config.yaml and run.json
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
         log.info("pretraining %s (%s, %.1fM parameters) on %d images of %s (%d held out), lr %.2e, %s on %s",
                  cfg.objective, cfg.model, sum(p.numel() for p in objective.parameters()) / 1e6, len(train_idx),
                  cfg.data, len(val_idx), lr, env.precision, env.device)
 
-    figure = _figure_callback(objective, source, val_idx if len(val_idx) else train_idx, img_size, run_dir, cfg, env,
-                              pixels)
-    watch = _online_eval(objective, source, train_idx, val_idx, img_size, cfg, env, pixels)
+    figure = _figure_callback(objective, source, val_idx if len(val_idx) else train_idx, img_size, run, cfg)
+    watch = _online_eval(objective, source, train_idx, val_idx, img_size, run, cfg)
 
     def on_epoch_end(epoch: int, step: int):
         if figure is not None:
             figure(epoch, step)
 
-    result = fit(objective, optimizer, loader, cfg, run_dir, env, on_epoch_end=on_epoch_end, on_step=watch)
+    result = fit(objective, optimizer, loader, recorded, run.output, env, on_epoch_end=on_epoch_end, on_step=watch)
     if env.is_main:
         if figure is not None:
             figure(result.epoch - 1, result.step, final=True)
         if result.skipped_files:
             log.warning("skipped %d unreadable image file(s)", len(result.skipped_files))
         log.info("done: %d steps, %d epochs, final loss %.4f, %.1f min; checkpoints in %s", result.step,
-                 result.epoch, result.loss, result.seconds / 60, run_dir / "checkpoints")
+                 result.epoch, result.loss, result.seconds / 60, run.output / "checkpoints")
     return result
 
 
 def _resolve_pixels(cfg, source, train_idx) -> PixelSpec:
     """The run's input spec: ``cfg.pixels`` when given (a rerun of a config.yaml), else resolved from the options
-    and the training images; recorded in ``cfg.pixels`` (so in config.yaml, the checkpoints' config and, through
-    the encoder's arch, every checkpoint and export) unless it is the 8-bit RGB default."""
+    and the training images; the run records it (config.yaml, run.json, the checkpoints' config and, through the
+    encoder's arch, every checkpoint and export) unless it is the 8-bit RGB default."""
     if cfg.pixels:
         try:
             spec = PixelSpec.from_dict(cfg.pixels)
@@ -93,19 +86,14 @@ def _resolve_pixels(cfg, source, train_idx) -> PixelSpec:
     else:
         spec = resolve_pixels(source, train_idx, cfg.in_chans, cfg.value_range, cfg.mean, cfg.std,
                               band_names=cfg.band_names, bands=cfg.bands)
-    rgb_only = getattr(get_objective(cfg.objective), "rgb_only", None)
-    if spec.in_chans != 3 and rgb_only:
-        raise ConfigError(f"--objective {cfg.objective} works on RGB images only ({rgb_only}); the data has "
-                          f"{spec.in_chans} channel(s): use mae, simmim or vit_mpp")
+    check_channels(cfg.objective, spec.in_chans)
     if spec != PixelSpec():
-        cfg.pixels = spec.to_dict()
         log.info("input: %s", spec.describe())
     return spec
 
 
 def _init_from(objective, path: str):
     """Start from released weights (any supported format); a release without a decoder keeps a fresh one."""
-    from .checkpoints import load_mae
     if getattr(objective, "name", "") != "mae":
         raise ConfigError("--init continues MAE pretraining; other objectives start from scratch")
     _, info = load_mae(path, model=objective.model)  # shapes checked tensor by tensor, one-line errors
@@ -114,29 +102,26 @@ def _init_from(objective, path: str):
     log.info("--init: loaded %s", path)
 
 
-def _online_eval(objective, source, train_idx, val_idx, img_size, cfg, env, pixels):
+def _online_eval(objective, source, train_idx, val_idx, img_size, run, cfg):
     """--eval-every: k-NN top-1 of held-out images and their reconstructions, on the main process (the weights are
     the same on every process); the check that there are labeled held-out images runs on every process."""
     if not cfg.eval_every:
         return None
-    from .monitor import OnlineEval, check_online_eval
-    from .precision import resolve
     check_online_eval(source, val_idx)
-    if not env.is_main:
+    if not run.env.is_main:
         return None
     return OnlineEval(objective, source, train_idx, val_idx, every=cfg.eval_every, images=cfg.eval_images,
-                      img_size=img_size, device=env.device, precision=resolve(cfg.precision, env.device)[0],
-                      mask_ratio=cfg.mask_ratio or 0.75, seed=cfg.seed, pool=cfg.eval_pool, pixels=pixels)
+                      img_size=img_size, device=run.env.device, precision=resolve(cfg.precision, run.env.device)[0],
+                      mask_ratio=run.mask_ratio or 0.75, seed=cfg.seed, pool=cfg.eval_pool, pixels=run.pixels)
 
 
-def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env, pixels):
+def _figure_callback(objective, source, indices, img_size, run, cfg):
     """Reconstruction figures of eight fixed held-out images (spread over the classes, seeded) at every
     ``figure_every`` epochs and at the end."""
     if not hasattr(objective, "model") or not hasattr(objective.model, "reconstruct"):
         return None
     if not getattr(objective, "pixel_output", True):  # an MAE ablation that predicts PCA coefficients or tokens
         return None
-    from .viz import reconstruction_grid
     images = None
 
     def on_epoch_end(epoch: int, step: int, final: bool = False):
@@ -145,15 +130,16 @@ def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env, pi
             return
         if images is None:
             picks = _good_images(source, spread_over_classes(source, indices, cfg.seed), 8, objective.encoder.patch_size,
-                                 pixels)
+                                 run.pixels)
             loader = make_loader(source, picks, batch_size=len(picks), recipe="eval", img_size=img_size, shuffle=False,
-                                 num_workers=0, cache="off", device=env.device, pixels=pixels)
+                                 num_workers=0, cache="off", device=run.env.device, pixels=run.pixels)
             images = next(iter(loader))[0]
         was_training = objective.training
         objective.eval()
         with torch.no_grad():
-            reconstruction_grid(objective.model, images, run_dir / "figures" / ("reconstruction.png" if final else f"reconstruction-epoch{epoch + 1:04d}.png"),
-                                mask_ratio=cfg.mask_ratio, seed=cfg.seed)
+            name = "reconstruction.png" if final else f"reconstruction-epoch{epoch + 1:04d}.png"
+            reconstruction_grid(objective.model, images, run.output / "figures" / name, mask_ratio=run.mask_ratio,
+                                seed=cfg.seed)
         objective.train(was_training)
 
     return on_epoch_end
@@ -162,8 +148,6 @@ def _figure_callback(objective, source, indices, img_size, run_dir, cfg, env, pi
 def _good_images(source, candidates, n: int, min_size: int, pixels: PixelSpec):
     """The first ``n`` candidates that decode and are large enough, found quietly: the training loader
     names each bad file once, and a figure must not name them again."""
-    from .data import load_image, load_input
-    from .errors import BadImage
     picks = []
     for i in candidates:
         try:

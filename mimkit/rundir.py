@@ -95,7 +95,7 @@ def claim(output: str, command: str, resume: bool = False, overwrite: bool = Fal
 
 def prepare(cfg, command: str, env) -> Path:
     """Claim ``cfg.output`` for this run (see :func:`claim`) on the main process, share the result with the
-    others, and set ``cfg.output`` to the resolved folder. Call before any work that writes."""
+    others, and return the folder (``cfg`` is left as given). Call before any work that writes."""
     result: list = [None, None]
     if env.is_main:
         try:
@@ -108,8 +108,18 @@ def prepare(cfg, command: str, env) -> Path:
         dist.broadcast_object_list(result, src=0)
     if result[1]:
         raise ConfigError(result[1])
-    cfg.output = result[0]
     return Path(result[0])
+
+
+def add_facts(path, facts: dict):
+    """Add what the run resolved after its start (the mask ratio, the pixel spec) to ``path/run.json``; a command
+    that claims no run (an evaluation that only writes its results) has none, and gets none."""
+    f = Path(path) / RUN_FILE
+    try:
+        known = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return
+    write_json(f, {**known, **facts})
 
 
 def run_id(path, create: bool = False) -> Optional[str]:

@@ -37,10 +37,17 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .checkpoints.io import list_checkpoints, load_checkpoint
+from .checkpoint_files import list_checkpoints, load_checkpoint
 from .files import write_json, write_text, write_via
 from .config import (FinetuneConfig, KnnConfig, LinprobeConfig, PretrainConfig, RunOptions, SweepConfig, TokenizerConfig, load_config, option_fields, save_config)
 from .errors import ConfigError
+from .flops import counted_flops
+from .errors import CheckpointError as CkptError, DataError, DivergedError
+from .eval import finetune, knn, linprobe
+from .models.presets import ENCODERS
+from .objectives import OBJECTIVES, check_objective
+from .pretrain import pretrain
+from .tokenizer import train_tokenizer
 
 log = logging.getLogger("mimkit")
 EVAL_CONFIGS = {"knn": KnnConfig, "linprobe": LinprobeConfig, "finetune": FinetuneConfig}
@@ -131,9 +138,6 @@ def settings(run: dict) -> str:
 def run_command(name: str, cfg):
     """Run one step a sweep drives, by name (``pretrain``, ``knn``, ``linprobe``, ``finetune``, or ``tokenizer``:
     training BEiT's tokenizer), with its options dataclass; what ``mimkit`` would run for the same options."""
-    from .eval import finetune, knn, linprobe  # the API functions (same layer; imported on use, as they are heavy)
-    from .pretrain import pretrain
-    from .tokenizer import train_tokenizer
     return {"pretrain": pretrain, "knn": knn, "linprobe": linprobe, "finetune": finetune,
             "tokenizer": train_tokenizer}[name](cfg)
 
@@ -147,8 +151,6 @@ def _read_json(path: Path) -> Optional[dict]:
 
 def train_flops_per_image(kind: str, arch: dict, img_size: int) -> float:
     """Forward + backward FLOPs of one training image for the objective ``kind`` with ``arch``."""
-    from .bench.measure import counted_flops
-    from .objectives import OBJECTIVES
     objective = OBJECTIVES[kind].build(arch).train()
     for m in objective.modules():  # the counter sees attention's matmuls only outside fused kernels
         if hasattr(m, "fused_attn"):
@@ -266,7 +268,6 @@ def shared_tokenizer(cfg: SweepConfig, out: Path, runs: List[dict]) -> Optional[
     path = tok_dir / "tokenizer.pt"
     if path.is_file():
         return str(path)
-    from .models.presets import ENCODERS
     base = run_values(cfg, {"options": {}, "grid": {}})
     fields = {f.name for f, _ in option_fields(TokenizerConfig)}
     opts = {k: v for k, v in base.items() if k in fields and k in RUN_OPTIONS + ["data", "val_fraction", "img_size"]}
@@ -283,7 +284,6 @@ def shared_tokenizer(cfg: SweepConfig, out: Path, runs: List[dict]) -> Optional[
 # the sweep ----------------------------------------------------------------------------------------------------
 def check_run_options(run: dict, values: dict, out: Path):
     """The run's pretrain options and its objective's option names, as one-line errors naming the run."""
-    from .objectives import check_objective
     try:
         cfg = load_config(PretrainConfig, None, {**values, "output": str(out / run["name"] / "pretrain")})
         check_objective(cfg)  # names and values only: a tokenizer path is opened when the run starts
@@ -320,7 +320,6 @@ def sweep(cfg: SweepConfig) -> dict:
 
 
 def _attempt(fn, name: str, failed: list) -> dict:
-    from .errors import CheckpointError as CkptError, DataError, DivergedError
     try:
         return fn()
     except (ConfigError, DataError, CkptError, DivergedError) as e:

@@ -1,12 +1,16 @@
-"""``mimkit tokenizer train``: fit the VQ tokenizer (:mod:`mimkit.models.tokenizer`) that BEiT predicts the ids of."""
+"""``mimkit tokenizer train``: fit the VQ tokenizer (:mod:`mimkit.models.vq`) that BEiT predicts the ids of."""
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .data import check_sample, make_loader, open_images, split_train_val
+from .data.hfdata import dataset_options
+from .engine import effective_lr, fit
+from .errors import ConfigError
 from .files import write_json
-from .models.tokenizer import FILE, VQTokenizer, save_tokenizer
+from .models.vq import FILE, VQTokenizer, save_tokenizer
+from .run import start
 
 log = logging.getLogger("mimkit")
 
@@ -15,15 +19,8 @@ log = logging.getLogger("mimkit")
 def train_tokenizer(cfg) -> dict:
     """``mimkit tokenizer train``: fit the tokenizer on the training split of ``cfg.data`` with the shared engine,
     then write ``tokenizer.pt`` and ``tokenizer.json`` (reconstruction error and codebook use on held-out images)."""
-    from .config import save_config
-    from .errors import ConfigError
-    from .data import check_sample, make_loader, open_images, split_train_val
-    from .engine import effective_lr, fit, seed_everything, setup
-    from . import rundir
-
-    env = setup(cfg)
-    rundir.prepare(cfg, "tokenizer", env)  # a new folder, or refuse to overwrite another run
-    seed_everything(cfg.seed)
+    run = start(cfg, "tokenizer")  # the environment, a new folder (or refuse to overwrite another run), the seeds
+    env = run.env
     img_size = cfg.img_size or 32
     if img_size % cfg.patch_size:
         raise ConfigError(f"--img-size {img_size} is not divisible by --patch-size {cfg.patch_size}")
@@ -31,7 +28,7 @@ def train_tokenizer(cfg) -> dict:
     tok = VQTokenizer(img_size=img_size, patch_size=cfg.patch_size, codebook_size=cfg.codebook_size,
                       code_dim=cfg.code_dim, hidden=cfg.hidden, quantizer=cfg.quantizer, commitment=cfg.commitment,
                       decay=cfg.decay)
-    source = open_images(cfg.data)
+    source = open_images(cfg.data, **dataset_options(cfg))  # as pretrain opens it (Hugging Face columns, splits)
     train_idx, val_idx = split_train_val(source, cfg.val_fraction)
     check_sample(source, min_size=cfg.patch_size)
     loader = make_loader(source, train_idx, batch_size=cfg.batch_size, recipe="pretrain", img_size=img_size,
@@ -39,13 +36,12 @@ def train_tokenizer(cfg) -> dict:
                          num_workers=cfg.num_workers, device=env.device, cache=cfg.cache)
     optimizer = torch.optim.AdamW([p for p in tok.parameters() if p.requires_grad], lr=effective_lr(cfg, env),
                                   weight_decay=cfg.weight_decay)
-    run_dir = Path(cfg.output)
+    run_dir = run.output
+    recorded = run.record(cfg)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
         log.info("training a %d-code tokenizer (patch %d, %s) on %d images of %s", cfg.codebook_size, cfg.patch_size,
                  cfg.quantizer, len(train_idx), cfg.data)
-    result = fit(tok, optimizer, loader, cfg, run_dir, env)
+    result = fit(tok, optimizer, loader, recorded, run_dir, env)
     summary = {"steps": result.step, "epochs": result.epoch, "loss": result.loss, "seconds": round(result.seconds, 1),
                **dict(tok.arch)}
     if env.is_main:
@@ -60,7 +56,6 @@ def train_tokenizer(cfg) -> dict:
 
 @torch.no_grad()
 def _held_out_stats(tok: VQTokenizer, source, indices, img_size: int, device, limit: int = 2048) -> dict:
-    from .data import make_loader
     loader = make_loader(source, indices[:limit], batch_size=256, recipe="eval", img_size=img_size, shuffle=False,
                          num_workers=0, cache="off", device=device)
     tok.eval()
@@ -81,5 +76,4 @@ def tokenizer_command(cfg) -> dict:
     """``mimkit tokenizer ACTION``; the one action is ``train``."""
     if cfg.action == "train":
         return train_tokenizer(cfg)
-    from .errors import ConfigError
     raise ConfigError(f"unknown tokenizer action {cfg.action!r} (expected: train)")

@@ -12,6 +12,7 @@ dog/0001.jpg, share a mask pattern; a mask never depends on the pixels, so score
 """
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -19,11 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import PixelSpec, make_loader
+from .data import make_loader
 from .data.loader import mix_seed
 from .errors import ConfigError, DataError
 from .features import checkpoint_id, extract_features
 from .masking import MASKINGS, draw_mask, mask_to_ids, random_masking
+from .pixels import PixelSpec, resolve_roles
 
 POOLS = ("cls", "mean")  # image features the neighbour index holds (one vector per image)
 
@@ -84,29 +86,19 @@ def hidden_loss(errors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # display ----------------------------------------------------------------------------------------------------
-def model_pixels(encoder) -> PixelSpec:
-    """How files become this encoder's input (its stored spec; the 8-bit RGB default when none)."""
-    return PixelSpec.from_dict(encoder.arch.get("pixels"), encoder.in_chans)
+def with_bands(spec: PixelSpec, bands=None) -> PixelSpec:
+    """``spec`` with ``bands`` (``--bands``: three band names or 1-based numbers, as text or a sequence) as its red,
+    green and blue roles; None or '' keeps the spec's own (the checkpoint's roles, else the first three)."""
+    if not bands:
+        return spec
+    parts = [b.strip() for b in bands.split(",")] if isinstance(bands, str) else [str(b) for b in bands]
+    return replace(spec, rgb=resolve_roles(parts, spec.band_names, spec.in_chans))
 
 
-def check_bands(bands, in_chans: int):
-    if bands and (len(bands) != 3 or not all(1 <= b <= in_chans for b in bands)):
-        raise ConfigError(f"--bands needs three channel numbers in 1..{in_chans}, got {','.join(map(str, bands))}")
-
-
-def parse_bands(text: str):
-    return [int(b) for b in text.split(",")] if text else None
-
-
-def to_display(x: torch.Tensor, spec: PixelSpec, bands=None) -> torch.Tensor:
-    """Normalised (B, C, H, W) -> displayable (B, 3, H, W) in [0, 1]: one channel as grey, three as RGB, more as
-    the false colour of ``bands`` (1-based, as remote sensing names them; default the first three)."""
-    mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
-    x = (x.float() * std + mean).clamp(0, 1)
-    if x.shape[1] == 1:
-        return x.expand(-1, 3, -1, -1)
-    return x[:, [b - 1 for b in (bands or (1, 2, 3))]]
+def to_display(x: torch.Tensor, spec: PixelSpec) -> torch.Tensor:
+    """Normalised (B, C, H, W) -> displayable (B, 3, H, W) in [0, 1] by the spec's one denormalisation: one channel
+    as grey, the red, green and blue roles as RGB (default the first three: RGB, or a false colour)."""
+    return spec.denormalize(x)[:, list(spec.display_channels())]
 
 
 def stretch(reference: torch.Tensor, *others: torch.Tensor):
@@ -119,8 +111,8 @@ def stretch(reference: torch.Tensor, *others: torch.Tensor):
     return [((t - lo) / span).clamp(0, 1) for t in (reference, *others)]
 
 
-def display_images(images: torch.Tensor, spec: PixelSpec, bands=None) -> torch.Tensor:
-    shown = to_display(images, spec, bands)
+def display_images(images: torch.Tensor, spec: PixelSpec) -> torch.Tensor:
+    shown = to_display(images, spec)
     return shown if spec.is_rgb8 else stretch(shown)[0]
 
 
@@ -142,15 +134,14 @@ def heat(maps: torch.Tensor, size, per_image: bool = True) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruction(mae, images: torch.Tensor, keys: Sequence, mask_ratio: float = 0.75, seed: int = 0,
-                   kind: str = "random", bands=None) -> dict:
+                   kind: str = "random", pixels: Optional[PixelSpec] = None) -> dict:
     """The paper's figure panels and their numbers, from one masked forward pass:
     ``panels`` (B, 4, 3, H, W) in [0, 1] (original, masked input with hidden patches grey, reconstruction, and
     the reconstruction with the visible patches pasted back), ``errors`` (B, L) per-patch squared error in the
     decoder's target space, ``mask`` (B, L), ``loss`` (B,) the MAE loss on the hidden patches, ``zero_loss`` (B,)
     the same for predicting zeros (for normalised targets: each hidden patch's own mean colour), ``error_map``
     (B, 3, H, W) the per-patch error as colours."""
-    spec = model_pixels(mae.encoder)
-    check_bands(bands, spec.in_chans)
+    spec = pixels or mae.encoder.pixels
     pred, mask = masked_prediction(mae, images, keys, mask_ratio, seed, kind)
     errors = patch_errors(mae, images, pred)
     zero = patch_errors(mae, images, torch.zeros_like(pred))
@@ -158,7 +149,7 @@ def reconstruction(mae, images: torch.Tensor, keys: Sequence, mask_ratio: float 
     p = mae.patch_size
     gh, gw = images.shape[-2] // p, images.shape[-1] // p
     pixel_mask = upsample_grid(mask.reshape(-1, gh, gw), images.shape[-2:])  # 1 = hidden
-    original, recon = to_display(images, spec, bands), to_display(recon, spec, bands)
+    original, recon = to_display(images, spec), to_display(recon, spec)
     if not spec.is_rgb8:
         original, recon = stretch(original, recon)
     masked = original * (1 - pixel_mask) + 0.5 * pixel_mask
@@ -261,7 +252,7 @@ class FeatureIndex:
               progress: Optional[Callable[[int, int], None]] = None) -> "FeatureIndex":
         size, feats, kept = encoder.arch["img_size"], [], []
         indices = list(indices)
-        for x, idx in load_images(source, indices, size, model_pixels(encoder), batch_size):
+        for x, idx in load_images(source, indices, size, encoder.pixels, batch_size):
             feats.append(extract_features(encoder, x, pool).float())
             kept += idx
             if progress:

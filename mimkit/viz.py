@@ -8,6 +8,10 @@ from torchvision.utils import make_grid, save_image
 
 from . import views
 from .errors import ConfigError
+from .checkpoints import load, load_mae
+from .data import open_images, reuse_pixels, split_train_val, spread_over_classes
+from .errors import DataError
+from .features import extract_features
 from .files import write_json, write_via
 from .pixels import PixelSpec
 
@@ -73,19 +77,16 @@ def _standard_error(x: torch.Tensor) -> float:
 
 
 def reconstruct(cfg) -> list:
-    """CLI ``mimkit reconstruct``: figures for ``cfg.num_images`` images of ``cfg.images`` (spread over its classes,
+    """CLI ``mimkit reconstruct``: figures for ``cfg.num_images`` images of ``cfg.data`` (spread over its classes,
     seeded) into ``cfg.output``, and the reconstruction error (``results.json``) over those images, or over all
     held-out ones with val_fraction."""
-    from .checkpoints import load_mae
-    from .errors import DataError
-    from .data import open_images, reuse_pixels, split_train_val, spread_over_classes
     norm_pix = {"auto": None, "normalised": True, "raw": False}[cfg.target]
-    source = open_images(cfg.images)  # the images first: a bad --images fails before the weights are read
+    source = open_images(cfg.data)  # the images first: a bad --data fails before the weights are read
     if cfg.val_fraction > 0:
         scored = split_train_val(source, cfg.val_fraction)[1]
         if not scored:
             raise DataError(f"--val-fraction {cfg.val_fraction} holds out no image of the {len(source)} in "
-                            f"{cfg.images}")
+                            f"{cfg.data}")
         shown = spread_over_classes(source, scored, cfg.seed)[:cfg.num_images]
     else:
         scored = shown = spread_over_classes(source, range(len(source)), cfg.seed)[:cfg.num_images]
@@ -131,8 +132,6 @@ def viz(cfg) -> dict:
     """CLI ``mimkit viz attention|pca|neighbours``: a PNG (a row per image of ``cfg.images``, spread over its
     classes) and the numbers behind it in a JSON beside it, computed by :mod:`mimkit.views` as the explore page
     computes them."""
-    from .checkpoints import load
-    from .data import open_images, reuse_pixels, spread_over_classes
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     source = open_images(cfg.images)  # the images first: a bad --images fails before the weights are read
@@ -170,7 +169,6 @@ def viz(cfg) -> dict:
                        per_image=[{"name": source.names[i], "explained": pca["explained"]}
                                   for i, pca in zip(index, fits)])
     else:
-        from .features import extract_features
         if cfg.index:
             found = views.FeatureIndex.read(cfg.index, cfg.checkpoint, size, source)
             if found.meta["pool"] != cfg.pool:

@@ -149,10 +149,11 @@ def test_the_command_line_prints_one_line_and_starts_no_work(monkeypatch, capsys
     """Through ``mimkit pretrain``: exit status 2, one line on stderr, and the pretrain function never called."""
     import mimkit.cli as cli
 
-    def no_work(target):
-        raise AssertionError(f"work started ({target}) despite an invalid option")
+    def no_work(cfg):
+        raise AssertionError(f"work started ({cfg}) despite an invalid option")
 
-    monkeypatch.setattr(cli, "_resolve", no_work)
+    for name, (cls, _, help_) in cli.COMMANDS.items():
+        monkeypatch.setitem(cli.COMMANDS, name, (cls, no_work, help_))
     base = ["pretrain", "--data", "builtin", "--model", "vit_micro_patch4_32", "--threads", "1"]
     cases = [(["--mask-ratio", "1.0"], r"--mask-ratio must be in \(0, 1\)"),
              (["--epochs", "ten"], r"--epochs must be an integer"),
@@ -173,7 +174,8 @@ def test_the_command_line_prints_one_line_and_starts_no_work(monkeypatch, capsys
 def test_flag_level_errors_are_one_line_naming_the_flag(monkeypatch, capsys):
     """Mistakes argparse sees itself (an unknown flag, a value outside a flag's choices) are one line as well."""
     import mimkit.cli as cli
-    monkeypatch.setattr(cli, "_resolve", lambda target: pytest.fail(f"work started ({target})"))
+    for name, (cls, _, help_) in cli.COMMANDS.items():
+        monkeypatch.setitem(cli.COMMANDS, name, (cls, lambda cfg: pytest.fail(f"work started ({cfg})"), help_))
     cases = [(["pretrain", "--mask-ration", "0.5"], r"unrecognized arguments: --mask-ration; did you mean --mask-ratio\?"),
              (["pretrain", "--epoks", "3"], r"unrecognized arguments: --epoks; did you mean --epochs\?"),
              (["knn", "--chekpoint", "x.pt"], r"did you mean --checkpoint\?"),

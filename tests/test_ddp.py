@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers_faults import free_port
-from mimkit.checkpoints.io import list_checkpoints, load_checkpoint
+from mimkit.checkpoint_files import list_checkpoints, load_checkpoint
 
 RUNNER = Path(__file__).with_name("ddp_runner.py")
 ROOT = Path(__file__).resolve().parents[1]

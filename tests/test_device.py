@@ -47,13 +47,14 @@ def test_batches_and_model_are_on_the_engines_device(tmp_path, monkeypatch):
     the task fails this there; on the CPU it checks the same path with the CPU as the device."""
     from mimkit.objectives.mae import MAEObjective
     import mimkit.pretrain as pretrain_module
+    import mimkit.run as run_module
     seen, envs = [], []
 
     def setup(cfg):
         envs.append(engine.setup(cfg))
         return envs[-1]
 
-    monkeypatch.setattr(pretrain_module, "setup", setup)
+    monkeypatch.setattr(run_module, "setup", setup)  # run.start: every command's one opening
     original = MAEObjective.forward
 
     def checked(self, images, labels=None, rng=None):

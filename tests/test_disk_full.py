@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import mimkit.checkpoints.io as cio
+import mimkit.checkpoint_files as cio
 import mimkit.files as mfiles
-from mimkit.checkpoints.io import list_checkpoints, load_checkpoint, load_latest, save_checkpoint
+from mimkit.checkpoint_files import list_checkpoints, load_checkpoint, load_latest, save_checkpoint
 from mimkit.errors import CheckpointError
 
 from helpers_faults import fit_tiny, tiny_cfg

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mimkit.checkpoints.io import list_checkpoints, load_checkpoint
+from mimkit.checkpoint_files import list_checkpoints, load_checkpoint
 from mimkit.config import PretrainConfig, load_config
 from mimkit.pretrain import pretrain
 

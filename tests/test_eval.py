@@ -1,14 +1,13 @@
 """Evaluations: k-NN vote, linear probe (frozen encoder), fine-tuning (partial, layer decay), CLI."""
-import importlib
 import json
 import math
 
 import pytest
 import torch
 
-from mimkit.checkpoints.io import load_latest, save_checkpoint
+from mimkit.checkpoint_files import load_latest, save_checkpoint
 from mimkit.config import FinetuneConfig, KnnConfig, LinprobeConfig, load_config
-from mimkit.eval import features as F
+from mimkit.eval import common as F
 from mimkit.eval.finetune import build_classifier, finetune, finetune_optimizer
 from mimkit.eval.knn import knn_scores
 from mimkit.eval.linprobe import LinearProbe, linprobe
@@ -98,13 +97,14 @@ def test_linprobe_head_and_frozen_encoder(tmp_path, pretrained, monkeypatch):
 
     seen = {}
 
+    load = F.load_eval_encoder
+
     def capture(cfg, *data):
-        enc, info = F.load_eval_encoder(cfg, *data)
+        enc, info = load(cfg, *data)
         seen["encoder"], seen["before"] = enc, {k: v.clone() for k, v in enc.state_dict().items()}
         return enc, info
 
-    # the module, not the function of the same name that mimkit.eval exports
-    monkeypatch.setattr(importlib.import_module("mimkit.eval.linprobe"), "load_eval_encoder", capture)
+    monkeypatch.setattr(F, "load_eval_encoder", capture)  # what open_evaluation calls
     cfg = load_config(LinprobeConfig, overrides=common(tmp_path, checkpoint=str(run), epochs=2, warmup_epochs=1,
                                                        batch_size=128, lr=0.5))
     res = linprobe(cfg)
@@ -204,10 +204,10 @@ def test_finetune_last_block_only(tmp_path, pretrained):
 
 
 def test_finetune_rejects_odd_batch_with_mixup(tmp_path):
+    """When the options are read, before any work (the check sits in FinetuneConfig.validate)."""
     from mimkit.errors import ConfigError
-    cfg = load_config(FinetuneConfig, overrides=common(tmp_path, random_init=True, model=MICRO, batch_size=33))
     with pytest.raises(ConfigError, match="even"):
-        finetune(cfg)
+        load_config(FinetuneConfig, overrides=common(tmp_path, random_init=True, model=MICRO, batch_size=33))
 
 
 # command line -----------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimkit.checkpoints.io import list_checkpoints, load_checkpoint, load_latest, prune_checkpoints, save_checkpoint
+from mimkit.checkpoint_files import list_checkpoints, load_checkpoint, load_latest, prune_checkpoints, save_checkpoint
 from mimkit.errors import CheckpointError, DivergedError, Preempted
 
 from helpers_faults import (ROOT, TINY, child_env, cli_command, fit_tiny, free_port, run_logged, tiny_cfg)
@@ -78,7 +78,7 @@ def test_keep_last_n_and_leftovers_of_a_killed_writer_are_removed(tmp_path):
 def test_overwriting_a_checkpoint_never_pairs_it_with_a_wrong_checksum(tmp_path, monkeypatch):
     """The same step saved twice (a run resumed from an older checkpoint reaches it again): the old sidecar goes
     before the rename, so a kill between the two leaves whole bytes, never bytes beside another file's hash."""
-    import mimkit.checkpoints.io as cio
+    import mimkit.checkpoint_files as cio
     path = tmp_path / "checkpoints" / "checkpoint-00000004.pt"
     save_checkpoint({"rev": 1, "w": torch.zeros(10)}, path)
     seen = []
@@ -106,7 +106,7 @@ def test_a_checkpoint_that_would_not_load_back_is_refused_before_writing(tmp_pat
 WRITER = """
 import sys, torch
 from pathlib import Path
-from mimkit.checkpoints.io import load_latest, prune_checkpoints, save_checkpoint
+from mimkit.checkpoint_files import load_latest, prune_checkpoints, save_checkpoint
 run = Path(sys.argv[1])
 state = load_latest(run)
 step = state["step"] if state else 0
@@ -207,7 +207,7 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, caplo
 
 def test_a_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import builtins
-    import mimkit.checkpoints.io as cio
+    import mimkit.checkpoint_files as cio
     writes = {"n": 0}
 
     class FullDisk:  # writes half of what it is given, then the disk is full

@@ -81,3 +81,24 @@ def test_knn_cli_scores_the_validation_split(saved, tmp_path, capsys):
                  "--feature-cache", "", "--num-workers", "0", "--k", "3"]) == 0
     results = json.loads((tmp_path / "knn" / "results.json").read_text())
     assert results["num_val"] == 6 and results["num_train"] == 16
+
+
+def test_objectives_and_the_tokenizer_fit_on_what_pretrain_reads(saved):
+    """The samples iGPT's palette and MAE's PCA basis are fitted on, and the tokenizer's training images, come from
+    the dataset opened with pretrain's column options (its own 'img' column: opened without them, as before issue
+    20, the default 'image' column is missing and the run fails)."""
+    from mimkit.config import PretrainConfig, TokenizerConfig, load_config
+    from mimkit.objectives import build_objective
+    from mimkit.tokenizer import train_tokenizer
+    common = dict(data=f"hfds:{saved}", image_column="img", label_column="fine", model="vit_micro_patch4_32",
+                  device="cpu", threads=1, num_workers=0)
+    igpt = build_objective(load_config(PretrainConfig, None, dict(
+        common, objective="igpt", objective_args={"palette_size": 8, "palette_images": 16, "kmeans_iters": 2})))
+    assert igpt.encoder.palette.centers.shape[0] == 8
+    mae = build_objective(load_config(PretrainConfig, None, dict(
+        common, objective_args={"target": "pca", "pca_images": 16})))
+    assert mae.pca is not None
+    summary = train_tokenizer(load_config(TokenizerConfig, None, dict(
+        {k: v for k, v in common.items() if k != "model"}, codebook_size=8, max_steps=1, batch_size=4,
+        output=str(saved.parent / "tok"))))
+    assert summary["steps"] == 1

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from mimkit.checkpoints.io import list_checkpoints, load_checkpoint
+from mimkit.checkpoint_files import list_checkpoints, load_checkpoint
 
 from helpers_faults import ROOT, TINY, cli_command, fit_tiny, free_port, run_logged, tiny_cfg
 

@@ -7,12 +7,12 @@ import torch
 import yaml
 from PIL import Image
 
-from mimkit.checkpoints.io import load_latest
+from mimkit.checkpoint_files import load_latest
 from mimkit.cli import main as cli
 from mimkit.config import PretrainConfig, load_config, opt
 from mimkit.errors import ConfigError
 from mimkit.masking import draw_mask
-from mimkit.models.tokenizer import VQTokenizer, save_tokenizer
+from mimkit.models.vq import VQTokenizer, save_tokenizer
 from mimkit.objectives import OBJECTIVES, build_objective, register
 from mimkit.objectives.base import MaskTokenObjective, ObjectiveOptions, make_encoder, masked_mean, resolve_mask_ratio
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mimkit.checkpoints.io import load_latest
+from mimkit.checkpoint_files import load_latest
 from mimkit.cli import main as cli
 from mimkit.config import PretrainConfig, load_config
 from mimkit.errors import ConfigError
@@ -21,7 +21,7 @@ from mimkit.objectives.simmim import SimMIMObjective
 from mimkit.masking import draw_mask
 from mimkit.objectives.targets import PCATarget, mean_colour_classes, mosaic_classes, pixel_target
 from mimkit.objectives.vit_mpp import KEEP, MASK, RANDOM, ViTMPPObjective, corrupt
-from mimkit.models.tokenizer import VQTokenizer, load_tokenizer, save_tokenizer
+from mimkit.models.vq import VQTokenizer, load_tokenizer, save_tokenizer
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mimkit import cli, rundir
-from mimkit.checkpoints.io import (checkpoint_run_id, list_checkpoints, load_checkpoint, prune_checkpoints,
+from mimkit.checkpoint_files import (checkpoint_run_id, list_checkpoints, load_checkpoint, prune_checkpoints,
                                    save_checkpoint)
 from mimkit.config import FinetuneConfig, LinprobeConfig, PretrainConfig, TokenizerConfig, load_config
 from mimkit.errors import ConfigError
@@ -118,7 +118,8 @@ def test_default_output_is_a_new_folder_per_run_even_in_the_same_second(tmp_path
 
 def test_resume_without_output_and_resume_with_overwrite_are_one_line_errors(capsys, monkeypatch):
     """Both mistakes stop before any work, in one line. Dropping either check in ``config.check_common`` fails."""
-    monkeypatch.setattr(cli, "_resolve", lambda target: pytest.fail(f"work started ({target})"))
+    for name, (cls, _, help_) in cli.COMMANDS.items():
+        monkeypatch.setitem(cli.COMMANDS, name, (cls, lambda cfg: pytest.fail(f"work started ({cfg})"), help_))
     for argv, pattern in ((["pretrain", "--resume"], "--resume needs --output"),
                           (["pretrain", "--resume", "--overwrite", "--output", "r"], "choose one")):
         assert cli.main(argv) == 2
@@ -136,10 +137,13 @@ def test_every_training_command_refuses_a_folder_holding_another_run(tmp_path, c
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     cfg = load_config(cls, overrides={"output": str(out), "threads": 1, "num_workers": 0, **extra})
-    command = {LinprobeConfig: "mimkit.eval.linprobe:linprobe", FinetuneConfig: "mimkit.eval.finetune:finetune",
-               TokenizerConfig: "mimkit.tokenizer:train_tokenizer", PretrainConfig: "mimkit.pretrain:pretrain"}[cls]
+    from mimkit.eval import finetune, linprobe
+    from mimkit.pretrain import pretrain
+    from mimkit.tokenizer import train_tokenizer
+    command = {LinprobeConfig: linprobe, FinetuneConfig: finetune, TokenizerConfig: train_tokenizer,
+               PretrainConfig: pretrain}[cls]
     with pytest.raises(ConfigError, match=r"already holds a run \(metrics\.jsonl\).*--resume.*--overwrite"):
-        cli._resolve(command)(cfg)
+        command(cfg)
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimkit.checkpoints.io import check_state_dict, load_checkpoint, load_latest, safe_torch_load, save_checkpoint
+from mimkit.checkpoint_files import check_state_dict, load_checkpoint, load_latest, safe_torch_load, save_checkpoint
 from mimkit.errors import CheckpointError
 
 torch.set_num_threads(1)
@@ -235,13 +235,13 @@ def test_safetensors_with_the_wrong_dtype_or_shape_is_refused(tmp_path):
 
 # the code itself ---------------------------------------------------------------------------------------------
 def test_no_unsafe_deserialisation_anywhere_in_mimkit():
-    """Every torch.load is weights_only (and lives in checkpoints/io.py); no pickle / numpy pickle loading."""
+    """Every torch.load is weights_only (and lives in checkpoint_files.py); no pickle / numpy pickle loading."""
     offenders = []
     for path in sorted((ROOT / "mimkit").rglob("*.py")):
         text = path.read_text()
         rel = path.relative_to(ROOT).as_posix()
         for m in re.finditer(r"torch\.load\((.*)", text):
-            if rel != "mimkit/checkpoints/io.py" or "weights_only=True" not in m.group(1):
+            if rel != "mimkit/checkpoint_files.py" or "weights_only=True" not in m.group(1):
                 offenders.append(f"{rel}: torch.load({m.group(1)[:60]}")
         for pat in (r"\bpickle\.loads?\(", r"\bdill\.", r"allow_pickle\s*=\s*True", r"weights_only\s*=\s*False",
                     r"\bmarshal\.loads?\(", r"\byaml\.load\(", r"yaml\.unsafe_load", r"(?<![.\w])eval\(",

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from mimkit.models.tokenizer import VectorQuantizer, VQTokenizer
+from mimkit.models.vq import VectorQuantizer, VQTokenizer
 
 torch.set_num_threads(1)
 

@@ -113,8 +113,8 @@ def bench(cfg) -> dict:
     result["load_after"] = load_average()
     result["seconds"] = (datetime.now(timezone.utc) - started).total_seconds()
     print(format_table(result))
-    if cfg.out:
-        out = Path(cfg.out)
+    if cfg.output:
+        out = Path(cfg.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, result, indent=1)
         write_text(out.with_suffix(".md"), markdown(result) + "\n")

@@ -1,5 +1,5 @@
-"""What ``mimkit bench`` measures: training steps timed in turns, the dense matmul rate, FLOPs (the one FLOP
-counter, :func:`counted_flops`), peak memory, the data pipeline alone, the bf16 loss check, the machine."""
+"""What ``mimkit bench`` measures: training steps timed in turns, the dense matmul rate, FLOPs (through
+:func:`mimkit.flops.counted_flops`), peak memory, the data pipeline alone, the bf16 loss check, the machine."""
 import ctypes
 import gc
 import logging
@@ -12,9 +12,11 @@ from typing import Callable, List, Optional
 
 import torch
 
+from ..flops import counted_flops
 from ..models import create_mae
 from ..precision import autocast
 from .peers import BenchSpec, Contestant, mimkit_optimizer
+from ..data import benchmark_loader, make_loader, open_images, split_train_val
 
 log = logging.getLogger("mimkit")
 
@@ -50,31 +52,6 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
         _sync(device)
         rates.append(flop * iters / (time.perf_counter() - t0))
     return summary(rates)
-
-
-def _flop_formulas():
-    """FLOP formulas for the CPU flash-attention kernels, which torch.utils.flop_counter does not list."""
-    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
-    aten = torch.ops.aten
-
-    def fwd(query, key, value, *args, out_shape=None, **kwargs):
-        return sdpa_flop_count(query, key, value)
-
-    def bwd(grad_out, query, key, value, *args, out_shape=None, **kwargs):
-        return sdpa_backward_flop_count(grad_out, query, key, value)
-
-    return {aten._scaled_dot_product_flash_attention_for_cpu: fwd,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd}
-
-
-def counted_flops(run: Callable[[], None]) -> float:
-    """FLOPs of what ``run`` computes (matmuls, convolutions, attention), by ``torch.utils.flop_counter``: the one
-    FLOP counter of mimkit (``mimkit bench`` and ``mimkit sweep``)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False, custom_mapping=_flop_formulas())
-    with counter:
-        run()
-    return counter.get_total_flops()
 
 
 def count_flops(c: Contestant, images: torch.Tensor, precision: str) -> float:
@@ -271,7 +248,6 @@ def time_interleaved(runners: List[Runner], images: torch.Tensor, *, warmup: int
 def time_data_pipeline(data: str, img_size: int, batch: int, device: torch.device, batches: int, repeats: int,
                        num_workers: Optional[int] = None, seed: int = 0) -> dict:
     """Images/s of the pretraining loader alone (decode, augment, collate), as ``mimkit pretrain`` builds it."""
-    from ..data import benchmark_loader, make_loader, open_images, split_train_val
     t0 = time.perf_counter()
     source = open_images(data)
     train_idx, _ = split_train_val(source, 0.1)
@@ -294,7 +270,6 @@ def loss_check(name: str, spec: BenchSpec, device: torch.device, data: str, step
     """Train mimkit ``steps`` steps three times from the same initialisation on the same batches: fp32, bf16
     (same masks) and fp32 with other masks. bf16 passes when its curve is no further from fp32's than the
     other-masks curve is (mean absolute difference of window means)."""
-    from ..data import make_loader, open_images, split_train_val
     img_size = spec.encoder["img_size"]
     source = open_images(data)
     train_idx, _ = split_train_val(source, 0.1)

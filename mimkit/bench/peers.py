@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..models import DECODERS, ENCODERS, create_mae
 from ..precision import autocast
-from ..pretrain import pretrain_optimizer
+from ..engine import pretrain_optimizer
 
 
 # what is timed -------------------------------------------------------------------------------

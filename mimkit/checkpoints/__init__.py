@@ -6,7 +6,7 @@ MAE ``.pth`` files, Hugging Face ViTMAE directories and timm weights; ``export(m
 timm, Hugging Face or official MAE checkpoints.
 """
 from .export import EXPORT_FORMATS, export
-from .io import load_checkpoint, load_latest, safe_torch_load, save_checkpoint
+from ..checkpoint_files import load_checkpoint, load_latest, safe_torch_load, save_checkpoint
 from .read import FORMATS, STANDARD_HEADS, load, load_encoder, load_mae, read
 
 __all__ = ["EXPORT_FORMATS", "FORMATS", "STANDARD_HEADS", "export", "load", "load_checkpoint",

@@ -76,7 +76,7 @@ def export(model_or_path, to: str, out, *, encoder_only: bool = False, overwrite
 def export_command(cfg) -> Path:
     """CLI ``mimkit export CHECKPOINT --to timm|hf|mae OUT``."""
     model = load(cfg.checkpoint)
-    path = export(model, cfg.to, cfg.out, encoder_only=cfg.encoder_only, overwrite=cfg.force)
+    path = export(model, cfg.to, cfg.output, encoder_only=cfg.encoder_only, overwrite=cfg.force)
     what = "encoder" if cfg.encoder_only or not isinstance(model, MaskedAutoencoder) or cfg.to == "timm" else "MAE"
     log.info("wrote the %s of %s (%s) as %s: %s", what, cfg.checkpoint, model.checkpoint_info["format"], cfg.to, path)
     return path

@@ -12,7 +12,7 @@ from ..errors import CheckpointError
 from ..files import write_json
 from ..models import MaskedAutoencoder, MaskedViT
 from ..models.presets import DECODERS
-from .io import save_safetensors
+from ..checkpoint_files import save_safetensors
 from .source import Source
 
 log = logging.getLogger("mimkit")

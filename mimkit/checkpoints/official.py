@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..models import MaskedAutoencoder, MaskedViT
-from .io import save_checkpoint, save_safetensors, tensor_copies
+from ..checkpoint_files import save_checkpoint, save_safetensors, tensor_copies
 from .source import Source
 from .timm import encoder_arch
 

@@ -36,12 +36,14 @@ from ..errors import CheckpointError
 from ..models import MaskedAutoencoder, MaskedViT, adapt_patch_projection
 from ..models.pos_embed import sincos_2d
 from ..models.presets import DECODERS
+from ..objectives import OBJECTIVES  # a model exactly as trained needs the objective that wrote it (layers: below)
 from ..pixels import PixelSpec, match_bands
 from .hf import from_hf, is_hf
-from .io import check_state_dict, load_checkpoint, load_latest
+from ..checkpoint_files import check_state_dict, load_checkpoint, load_latest
 from .official import fold_linprobe_head, official_hints
 from .source import Source
 from .timm import timm_hints
+from .hub import resolve_path
 
 log = logging.getLogger("mimkit")
 
@@ -58,7 +60,6 @@ def read(path) -> Source:
     """Any supported checkpoint (see the module docstring) rewritten into mimkit MAE names; a mimkit checkpoint
     also keeps its kind, stored arch and own state dict (``Source.kind``, ``.arch``, ``.raw``); ``hf://ORG/NAME[@REV]``
     is read from its copy in the Hugging Face cache (:mod:`.hub`)."""
-    from .hub import resolve_path
     p = Path(resolve_path(path)).expanduser()
     if p.is_dir():
         if (p / "checkpoints").is_dir():
@@ -463,9 +464,6 @@ def _report(info: dict, quiet_prefixes: Tuple[str, ...] = ()):
 
 def _objective(src: Source):
     """A mimkit checkpoint's objective rebuilt from its stored arch, every tensor loaded (None: kind unknown)."""
-    # checkpoints sit above objectives (DEVELOPING.md's layers): a model exactly as trained needs its objective;
-    # imported on use so that objectives may read their own files (a BEiT tokenizer) through checkpoints.io
-    from ..objectives import OBJECTIVES
     if src.raw is None or src.kind not in OBJECTIVES:
         return None
     try:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..files import write_json
 from ..models import MaskedViT
-from .io import save_checkpoint, save_safetensors, tensor_copies
+from ..checkpoint_files import save_checkpoint, save_safetensors, tensor_copies
 
 
 def timm_hints(cfg: dict) -> dict:

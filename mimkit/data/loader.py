@@ -25,7 +25,7 @@ from .decode import decode_tensor, load_image, pil_to_tensor, read_bytes
 from ..errors import BadImage, DataError
 from ..pixels import PixelSpec
 from .inputs import load_input
-from .source import ImageSource, open_images, split_train_val
+from .source import ImageSource, open_images
 from .transforms import AUGS, RECIPES, BatchAugment, TensorTransform, batched_form, build_transform
 
 log = logging.getLogger(__name__)
@@ -474,14 +474,11 @@ def benchmark_loader(loader, n_batches: int) -> float:
 
 
 @torch.no_grad()
-def fit_images(data: str, val_fraction: float, num_images: int, img_size: int, pixels: PixelSpec = None
-               ) -> torch.Tensor:
-    """Up to ``num_images`` normalised training images (the training split of ``data``, evenly spread over it,
-    no augmentation), on the CPU: what palettes and PCA bases are fitted on. Every process gets the same ones."""
-    source = open_images(data)
-    train_idx, _ = split_train_val(source, val_fraction)
+def fit_images(source, train_idx, num_images: int, img_size: int, pixels: PixelSpec = None) -> torch.Tensor:
+    """Up to ``num_images`` normalised training images (``train_idx`` of the opened ``source``, evenly spread over
+    it, no augmentation), on the CPU: what palettes and PCA bases are fitted on. Every process gets the same ones."""
     if not train_idx:
-        raise DataError(f"--data {data}: no training images to fit on")
+        raise DataError(f"--data {getattr(source, 'root', '')}: no training images to fit on")
     step = max(1, len(train_idx) // num_images)
     chosen = train_idx[::step][:num_images]
     loader = make_loader(source, chosen, batch_size=256, recipe="eval", img_size=img_size, shuffle=False,

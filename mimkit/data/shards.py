@@ -39,6 +39,7 @@ from .decode import decode_image
 from .loader import mix_seed, resolve_workers, seeded_rng
 from .source import IMG_EXTENSIONS, ImageSource, name_sort_key, register_source
 from .transforms import build_transform
+from .source import open_images
 
 log = logging.getLogger(__name__)
 SHUFFLE_BUFFER = 1000  # images held per stream for the local shuffle (webdataset's usual size)
@@ -405,7 +406,6 @@ def write_shards(src, out, shard_size: int = 1000, prefix: str = "shard", shuffl
         import webdataset as wds
     except ImportError:
         raise DataError("writing shards needs webdataset: pip install 'mimkit[shards]'") from None
-    from .source import open_images
     source = src if isinstance(src, ImageSource) else open_images(src)
     out = os.path.expanduser(str(out))
     os.makedirs(out, exist_ok=True)
@@ -438,8 +438,8 @@ def write_shards(src, out, shard_size: int = 1000, prefix: str = "shard", shuffl
 
 
 def shards_command(cfg) -> str:
-    """``mimkit shards SRC OUT``: write the shards and print the ``--data`` pattern that reads them."""
-    pattern = write_shards(cfg.src, cfg.out, cfg.shard_size, shuffle=cfg.shuffle, seed=cfg.seed)
+    """``mimkit shards DATA OUTPUT``: write the shards and print the ``--data`` pattern that reads them."""
+    pattern = write_shards(cfg.data, cfg.output, cfg.shard_size, shuffle=cfg.shuffle, seed=cfg.seed)
     print(f"shards: wrote {len(expand(pattern))} shards of up to {cfg.shard_size} images; train with --data '{pattern}'",
           flush=True)
     return pattern

@@ -275,7 +275,7 @@ def open_images(path, **dataset_options) -> ImageSource:
         src = TarSource(p)
     elif p.suffix.lower() in (".csv", ".txt"):
         src = ListSource(p)
-    elif _is_image(p.name):  # one file, e.g. `mimkit reconstruct --images photo.jpg`
+    elif _is_image(p.name):  # one file, e.g. `mimkit reconstruct --data photo.jpg`
         src = FileSource(p)
     else:
         raise DataError(f"{path}: not a folder, a .tar/.tar.gz/.tgz archive of images or a .csv/.txt file list")

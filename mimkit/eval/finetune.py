@@ -11,7 +11,6 @@ stay frozen (and deterministic: those modules stay in eval mode).
 """
 import logging
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -20,13 +19,12 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 
-from ..config import FinetuneConfig, save_config
+from ..config import FinetuneConfig
 from ..errors import ConfigError
-from ..engine import effective_lr, fit, seed_everything, setup
-from .. import rundir
+from ..engine import effective_lr, fit
 from ..precision import autocast
 from ..models import MaskedViT
-from .features import eval_data, eval_pixels, eval_img_size, image_loader, load_eval_encoder, logged, topk_accuracy, write_results
+from .common import image_loader, logged, open_evaluation, topk_accuracy, write_results
 
 log = logging.getLogger("mimkit")
 
@@ -125,20 +123,13 @@ class FinetuneTask(nn.Module):
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune on the training split; return top-1 / top-5 (percent) on the validation split."""
     t0 = time.time()
-    env = setup(cfg)
-    rundir.prepare(cfg, "finetune", env)  # a new folder, or refuse to overwrite another run
-    seed_everything(cfg.seed)
-    mixing = cfg.mixup > 0 or cfg.cutmix > 0
-    if mixing and cfg.batch_size % 2:
-        raise ConfigError(f"mixup / cutmix pair images within a batch: --batch-size must be even, got {cfg.batch_size}")
-    source, train_idx, val_idx, n_classes = eval_data(cfg)  # first: RGB weights adapt to its bands
-    encoder, source_info = load_eval_encoder(cfg, source, train_idx + val_idx)
-    img_size = eval_img_size(cfg, encoder)
-    pixels = eval_pixels(cfg, encoder, source, train_idx + val_idx)
-
-    model = build_classifier(encoder, n_classes, global_pool=cfg.global_pool, drop_path=cfg.drop_path,
+    ev = open_evaluation(cfg, "finetune")
+    run, env, pixels, img_size, n_classes = ev.run, ev.run.env, ev.run.pixels, ev.img_size, ev.num_classes
+    source, train_idx, val_idx = ev.source, ev.train_idx, ev.val_idx
+    model = build_classifier(ev.encoder, n_classes, global_pool=cfg.global_pool, drop_path=cfg.drop_path,
                              img_size=img_size)
-    del encoder
+    source_info = ev.source_info
+    del ev  # the encoder: the classifier holds its own copy of the weights
     frozen = freeze_all_but_last(model, cfg.blocks) if cfg.blocks else []
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -150,17 +141,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
     loader = image_loader(source, train_idx, cfg, env, recipe="finetune", img_size=img_size, shuffle=True,
                           drop_last=True, distributed=True, auto_augment=cfg.randaug or None, re_prob=cfg.reprob,
                           scale=(cfg.crop_scale, 1.0), pixels=pixels)
-    run_dir = Path(cfg.output)
+    recorded = run.record(cfg)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("fine-tuning %s%s (%.2fM of %.2fM parameters trainable), %s head, %d classes, lr %.3g, "
                  "layer decay %.2f", "the last %d blocks of " % cfg.blocks if cfg.blocks else "",
                  source_info.get("model") or source_info.get("checkpoint"), trainable / 1e6,
                  sum(p.numel() for p in model.parameters()) / 1e6, "global-pool" if cfg.global_pool else "class-token",
                  n_classes, lr, cfg.layer_decay)
-    result = fit(task, optimizer, loader, cfg, run_dir, env)
+    result = fit(task, optimizer, loader, recorded, run.output, env)
 
     acc = {}
     if env.is_main:
@@ -172,7 +161,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                "img_size": img_size, "lr": lr, "epochs": result.epoch, "steps": result.step,
                "final_loss": result.loss, **source_info, "seconds": round(time.time() - t0, 2)}
     if env.is_main:
-        write_results(run_dir, "finetune", results)
+        write_results(run.output, "finetune", results)
     return results
 
 

@@ -6,16 +6,12 @@ are ranked by their summed votes (k = 20, T = 0.07 by default).
 """
 import logging
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..config import KnnConfig, save_config
-from ..engine import seed_everything, setup
-from .. import rundir
-from .features import (eval_data, eval_img_size, eval_pixels, features_for, load_eval_encoder, topk_accuracy,
-                       write_results)
+from ..config import KnnConfig
+from .common import features_for, open_evaluation, topk_accuracy, write_results
 
 log = logging.getLogger("mimkit")
 
@@ -44,26 +40,18 @@ def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feat
 def knn(cfg: KnnConfig) -> dict:
     """k-NN top-1 / top-5 (percent) of ``cfg.checkpoint``'s frozen encoder on the validation split."""
     t0 = time.time()
-    env = setup(cfg)
-    rundir.prepare(cfg, "knn", env)  # a new folder, or refuse to overwrite another run
-    seed_everything(cfg.seed)
-    source, train_idx, val_idx, n_classes = eval_data(cfg)  # first: RGB weights adapt to its bands
-    encoder, source_info = load_eval_encoder(cfg, source, train_idx + val_idx)
-    img_size = eval_img_size(cfg, encoder)
-    encoder.to(env.device)
-
-    pixels = eval_pixels(cfg, encoder, source, train_idx + val_idx)
-    train_f, train_y = features_for(encoder, source, train_idx, cfg, env, img_size, pixels)
-    val_f, val_y = features_for(encoder, source, val_idx, cfg, env, img_size, pixels)
-    scores = knn_scores(train_f.to(env.device), train_y, val_f.to(env.device), n_classes, cfg.k, cfg.temperature)
+    ev = open_evaluation(cfg, "knn")
+    run, env, pixels, img_size = ev.run, ev.run.env, ev.run.pixels, ev.img_size
+    encoder = ev.encoder.to(env.device)
+    train_f, train_y = features_for(encoder, ev.source, ev.train_idx, cfg, env, img_size, pixels)
+    val_f, val_y = features_for(encoder, ev.source, ev.val_idx, cfg, env, img_size, pixels)
+    scores = knn_scores(train_f.to(env.device), train_y, val_f.to(env.device), ev.num_classes, cfg.k, cfg.temperature)
     acc = topk_accuracy(scores, val_y)
 
-    results = {"command": "knn", **acc, "num_train": len(train_f), "num_val": len(val_f), "num_classes": n_classes,
-               "k": cfg.k, "temperature": cfg.temperature, "pool": cfg.pool, "img_size": img_size, **source_info,
-               "seconds": round(time.time() - t0, 2)}
+    results = {"command": "knn", **acc, "num_train": len(train_f), "num_val": len(val_f),
+               "num_classes": ev.num_classes, "k": cfg.k, "temperature": cfg.temperature, "pool": cfg.pool,
+               "img_size": img_size, **ev.source_info, "seconds": round(time.time() - t0, 2)}
+    run.record(cfg)
     if env.is_main:
-        run_dir = Path(cfg.output)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        write_results(run_dir, "knn", results)
+        write_results(run.output, "knn", results)
     return results

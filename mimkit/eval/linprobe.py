@@ -9,7 +9,6 @@ checkpoints, resume, logging): the task module receives feature tensors instead 
 """
 import logging
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -17,12 +16,10 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.optim import Lars
 
-from ..config import LinprobeConfig, save_config
-from ..engine import effective_lr, fit, seed_everything, setup
+from ..config import LinprobeConfig
+from ..engine import effective_lr, fit
 from ..models import freeze
-from .. import rundir
-from .features import (FeatureLoader, eval_data, eval_img_size, eval_pixels, features_for, load_eval_encoder,
-                       topk_accuracy, write_results)
+from .common import FeatureLoader, features_for, open_evaluation, topk_accuracy, write_results
 
 log = logging.getLogger("mimkit")
 
@@ -57,40 +54,33 @@ def lars_optimizer(probe: nn.Module, lr: float, weight_decay: float) -> torch.op
 def linprobe(cfg: LinprobeConfig) -> dict:
     """Train the probe on the training split and return top-1 / top-5 (percent) on the validation split."""
     t0 = time.time()
-    env = setup(cfg)
-    rundir.prepare(cfg, "linprobe", env)  # a new folder, or refuse to overwrite another run
-    seed_everything(cfg.seed)
-    source, train_idx, val_idx, n_classes = eval_data(cfg)  # first: RGB weights adapt to its bands
-    encoder, source_info = load_eval_encoder(cfg, source, train_idx + val_idx)
-    freeze(encoder).to(env.device)
-    img_size = eval_img_size(cfg, encoder)
+    ev = open_evaluation(cfg, "linprobe")
+    run, env, pixels, img_size = ev.run, ev.run.env, ev.run.pixels, ev.img_size
+    encoder = freeze(ev.encoder).to(env.device)
 
     # every process computes all features (simple; the probe's batches are then sharded by FeatureLoader)
-    pixels = eval_pixels(cfg, encoder, source, train_idx + val_idx)
-    train_f, train_y = features_for(encoder, source, train_idx, cfg, env, img_size, pixels)
-    val_f, val_y = features_for(encoder, source, val_idx, cfg, env, img_size, pixels)
+    train_f, train_y = features_for(encoder, ev.source, ev.train_idx, cfg, env, img_size, pixels)
+    val_f, val_y = features_for(encoder, ev.source, ev.val_idx, cfg, env, img_size, pixels)
     t_feat = time.time() - t0
     loader = FeatureLoader(train_f, train_y, cfg.batch_size, seed=cfg.seed, rank=env.rank,
                            world_size=env.world_size, device=env.device)
 
-    probe = LinearProbe(train_f.shape[1], n_classes, encoder.arch, cfg.pool)
+    probe = LinearProbe(train_f.shape[1], ev.num_classes, encoder.arch, cfg.pool)
     lr = effective_lr(cfg, env)
     optimizer = lars_optimizer(probe, lr, cfg.weight_decay)
-    run_dir = Path(cfg.output)
+    recorded = run.record(cfg)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
         log.info("linear probe on %d cached %d-d features (%s pool, %.1f s to extract), %d classes, lr %.3g",
-                 len(train_f), train_f.shape[1], cfg.pool, t_feat, n_classes, lr)
-    result = fit(probe, optimizer, loader, cfg, run_dir, env)
+                 len(train_f), train_f.shape[1], cfg.pool, t_feat, ev.num_classes, lr)
+    result = fit(probe, optimizer, loader, recorded, run.output, env)
 
     probe.eval()
     with torch.no_grad():
         acc = topk_accuracy(probe.logits(val_f.to(env.device)), val_y)
     results = {"command": "linprobe", **acc, "num_train": len(train_f), "num_val": len(val_f),
-               "num_classes": n_classes, "pool": cfg.pool, "img_size": img_size, "lr": lr, "epochs": result.epoch,
-               "steps": result.step, "final_loss": result.loss, **source_info,
+               "num_classes": ev.num_classes, "pool": cfg.pool, "img_size": img_size, "lr": lr,
+               "epochs": result.epoch, "steps": result.step, "final_loss": result.loss, **ev.source_info,
                "seconds": round(time.time() - t0, 2)}
     if env.is_main:
-        write_results(run_dir, "linprobe", results)
+        write_results(run.output, "linprobe", results)
     return results

@@ -75,12 +75,7 @@ class MaskedAutoencoder(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """MAE's initialisation: xavier-uniform linears (patch projection as a linear), N(0, .02) tokens."""
-        self.apply(_init_mae)
-        w = self.encoder.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
-        nn.init.normal_(self.encoder.cls_token, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
+        init_like_mae(self)
 
     # the paper's steps, in order -------------------------------------------------------
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -176,11 +171,25 @@ class MaskedAutoencoder(nn.Module):
         return {"encoder.pos_embed", "encoder.cls_token", "mask_token", "decoder_pos_embed"}
 
 
-def _init_mae(m: nn.Module):
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
+def init_like_mae(module: nn.Module) -> nn.Module:
+    """MAE's initialisation, of an MAE or of an encoder alone (every objective's): xavier-uniform linears (the
+    patch projection seen as a linear), zero biases, unit norms, then N(0, .02) class and mask tokens. The linears
+    are drawn in module order (the official ``apply`` order for leaves), so an MAE's weights are MAE's."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+    encoder = getattr(module, "encoder", module)
+    pe = getattr(encoder, "patch_embed", None)
+    if pe is not None:
+        w = pe.proj.weight
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+    if getattr(encoder, "cls_token", None) is not None:
+        nn.init.normal_(encoder.cls_token, std=0.02)
+    if isinstance(getattr(module, "mask_token", None), nn.Parameter):
+        nn.init.normal_(module.mask_token, std=0.02)
+    return module

@@ -5,6 +5,7 @@ name plus overrides, so every model is usable without the training scripts.
 """
 from typing import Dict
 
+from ..errors import did_you_mean
 from .mae import MaskedAutoencoder
 from ..pixels import PixelSpec
 from .vit import MaskedViT
@@ -40,9 +41,7 @@ def list_models():
 def encoder_preset(name: str) -> dict:
     """The arch of the encoder preset ``name`` (a copy); a ValueError naming the closest preset if unknown."""
     if name not in ENCODERS:
-        import difflib
-        close = difflib.get_close_matches(name, ENCODERS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(name, ENCODERS, repr, before=" (", after=")")
         raise ValueError(f"unknown model {name!r}{hint}; choose from: {', '.join(list_models())}")
     return dict(ENCODERS[name])
 

@@ -13,7 +13,7 @@ from typing import Dict
 
 from ..config import build_options, check_choice
 from ..errors import ConfigError
-from .base import ObjectiveOptions
+from .base import ObjectiveOptions, require_rgb
 
 OBJECTIVES: Dict[str, type] = {}
 
@@ -45,6 +45,15 @@ def parse_options(name: str, args) -> ObjectiveOptions:
 def check_objective(cfg) -> ObjectiveOptions:
     """The objective's name and its options for a PretrainConfig, checked before any work starts."""
     return parse_options(cfg.objective, cfg.objective_args)
+
+
+def check_channels(name: str, in_chans: int):
+    """An objective whose class declares ``rgb_only`` (why) refuses data of other channel counts, naming the
+    objectives that take any."""
+    why = getattr(get_objective(name), "rgb_only", None)
+    if why:
+        others = ", ".join(n for n, c in OBJECTIVES.items() if not getattr(c, "rgb_only", None))
+        require_rgb(in_chans, f"--objective {name}", why, f": use {others}")
 
 
 def build_objective(cfg):

@@ -3,7 +3,10 @@
 - ``ObjectiveOptions``: the base of each objective's ``Options`` dataclass; its fields are ``mimkit.config.opt``
   fields, parsed from ``objective_args`` by the same machinery as command options (``config.build_options``);
 - ``resolve_mask_ratio``: ``objective_args.mask_ratio``, else ``--mask-ratio``, else the objective's paper value;
-- ``make_encoder`` / ``init_like_mae``: the ``--model`` encoder, initialised as MAE initialises its own;
+- ``make_encoder``: the ``--model`` encoder, initialised as MAE initialises its own (``models.mae.init_like_mae``);
+- ``require_rgb``: the RGB-only rule, of objectives (``rgb_only``) and of targets;
+- ``patch_grid``: the grid of patches of a batch; ``training_images``: the sample palettes and PCA bases fit on;
+- ``open_tokenizer`` / ``FrozenTokenizer``: the trained VQ tokenizer BEiT and MAE's token target predict;
 - ``encode_with_mask_tokens`` / ``masked_mean``: the encoder over every position with hidden ones as a mask token;
 - ``MaskTokenObjective``: the encoder + mask token + linear head that SimMIM, ViT-MPP and BEiT share.
 
@@ -11,13 +14,17 @@
 ``head.weight``, ``head.bias``): renaming one breaks existing checkpoints.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError
-from ..models import MaskedViT, create_encoder, encoder_overrides
+from ..data import fit_images, open_images, split_train_val
+from ..data.hfdata import dataset_options
+from ..errors import CheckpointError, ConfigError
+from ..models import MaskedViT, create_encoder, encoder_overrides, freeze
+from ..models.vq import load_tokenizer
+from ..models.mae import init_like_mae
 
 
 @dataclass
@@ -67,23 +74,49 @@ def make_encoder(cfg):
     return init_like_mae(encoder)
 
 
-def init_like_mae(module: nn.Module) -> nn.Module:
-    """Xavier-uniform linears (a ViT's patch projection seen as a linear), zero biases, unit norms, N(0, .02) tokens."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    pe = getattr(module, "patch_embed", None)
-    if pe is not None:
-        w = pe.proj.weight
-        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
-    if getattr(module, "cls_token", None) is not None:
-        nn.init.normal_(module.cls_token, std=0.02)
-    return module
+def require_rgb(in_chans: int, what: str, why: str, fix: str = ""):
+    """The one RGB rule: ``what`` (an objective, or one of its targets) works on 3-channel images only."""
+    if in_chans != 3:
+        raise ConfigError(f"{what} works on RGB images only ({why}); the data has {in_chans} channel(s){fix}")
+
+
+def patch_grid(images: torch.Tensor, patch_size: int) -> Tuple[int, int]:
+    """(rows, columns) of patches of a batch: the grid every objective's masks and positions are drawn on."""
+    return images.shape[-2] // patch_size, images.shape[-1] // patch_size
+
+
+def open_tokenizer(objective: str, path):
+    """The frozen tokenizer named by ``objective_args.tokenizer``; a missing or bad one is a one-line ConfigError."""
+    if not path:
+        raise ConfigError(f"--objective-args: objective {objective} needs tokenizer: PATH "
+                          f"(train one with `mimkit tokenizer train --data ... --output ...`)")
+    try:
+        return load_tokenizer(path)
+    except CheckpointError as e:
+        raise ConfigError(f"--objective-args: tokenizer: {e}") from None
+
+
+class FrozenTokenizer(nn.Module):
+    """Holds the tokenizer so its weights travel with the objective's checkpoint but are never trained."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = freeze(tokenizer)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images):
+        with torch.autocast(images.device.type, enabled=False):
+            return self.tokenizer.encode(images.float())
+
+
+def training_images(cfg, num_images: int, img_size: int, pixels=None) -> torch.Tensor:
+    """Up to ``num_images`` of the run's training images, as ``pretrain`` opens and splits them (Hugging Face
+    dataset options included): what palettes and PCA bases are fitted on."""
+    source = open_images(cfg.data, **dataset_options(cfg))
+    return fit_images(source, split_train_val(source, cfg.val_fraction)[0], num_images, img_size, pixels)
 
 
 def encode_with_mask_tokens(encoder, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor,
@@ -91,8 +124,7 @@ def encode_with_mask_tokens(encoder, images: torch.Tensor, mask: torch.Tensor, m
     """Run ``encoder`` over every position with hidden patches replaced by ``mask_token``: (B, 1 + L, D)."""
     t = encoder.patch_tokens(images) if tokens is None else tokens
     t = torch.where(mask[..., None], mask_token.to(t.dtype), t)
-    grid = (images.shape[-2] // encoder.patch_size, images.shape[-1] // encoder.patch_size)
-    return encoder.forward_tokens(t, grid_hw=grid)
+    return encoder.forward_tokens(t, grid_hw=patch_grid(images, encoder.patch_size))
 
 
 def masked_mean(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -14,17 +14,15 @@ objective_args: ``tokenizer`` (path: a ``tokenizer.pt``, its training folder or 
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import opt
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..masking import draw_mask
 from ..models import MaskedViT
-from ..models.tokenizer import VQTokenizer, freeze, load_tokenizer, tokenizer_grid_matches
-from .base import (MaskTokenObjective, ObjectiveOptions, check_fraction, check_positive, encode_with_mask_tokens,
-                   make_encoder, masked_mean, resolve_mask_ratio)
+from ..models.vq import VQTokenizer, tokenizer_grid_matches
+from .base import (FrozenTokenizer, MaskTokenObjective, ObjectiveOptions, check_fraction, check_positive,
+                   encode_with_mask_tokens, make_encoder, masked_mean, open_tokenizer, patch_grid, resolve_mask_ratio)
 
 
 @dataclass
@@ -38,33 +36,6 @@ class BEiTOptions(ObjectiveOptions):
     def validate(self):
         check_fraction(self, "mask_ratio")
         check_positive(self, "min_block")
-
-
-def open_tokenizer(objective: str, path):
-    """The frozen tokenizer named by ``objective_args.tokenizer``; a missing or bad one is a one-line ConfigError."""
-    if not path:
-        raise ConfigError(f"--objective-args: objective {objective} needs tokenizer: PATH "
-                          f"(train one with `mimkit tokenizer train --data ... --output ...`)")
-    try:
-        return load_tokenizer(path)
-    except CheckpointError as e:
-        raise ConfigError(f"--objective-args: tokenizer: {e}") from None
-
-
-class FrozenTokenizer(nn.Module):
-    """Holds the tokenizer so its weights travel with the objective's checkpoint but are never trained."""
-
-    def __init__(self, tokenizer):
-        super().__init__()
-        self.tokenizer = freeze(tokenizer)
-
-    def train(self, mode: bool = True):
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, images):
-        with torch.autocast(images.device.type, enabled=False):
-            return self.tokenizer.encode(images.float())
 
 
 class BEiTObjective(MaskTokenObjective):
@@ -98,7 +69,7 @@ class BEiTObjective(MaskTokenObjective):
 
     def forward(self, images, labels=None, rng=None):
         p = self.encoder.patch_size
-        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        grid = patch_grid(images, p)
         hidden = draw_mask(self.masking, images.shape[0], grid, self.mask_ratio, rng, images.device, self.min_block)
         ids = self.tokenizer(images)  # (B, L) visual tokens of the uncorrupted image
         h = encode_with_mask_tokens(self.encoder, images, hidden, self.mask_token)

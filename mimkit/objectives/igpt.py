@@ -29,11 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import opt
-from ..data import fit_images
 from ..errors import ConfigError
 from ..masking import random_masking, uniform
 from ..models.igpt import PixelTransformer
-from .base import ObjectiveOptions, check_fraction, check_positive, masked_mean, resolve_mask_ratio
+from ..models.presets import encoder_overrides, encoder_preset
+from .base import ObjectiveOptions, check_fraction, check_positive, masked_mean, resolve_mask_ratio, \
+    training_images
 
 log = logging.getLogger("mimkit")
 
@@ -79,7 +80,6 @@ class IGPTObjective(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, options: IGPTOptions) -> "IGPTObjective":
-        from ..models.presets import encoder_overrides, encoder_preset
         try:
             preset = encoder_preset(cfg.model)
         except ValueError as e:
@@ -99,7 +99,7 @@ class IGPTObjective(nn.Module):
                                feature_layer=layer, pixels=encoder_overrides(cfg).get("pixels"))
         # the palette is fitted on the true colours: the training images normalised as the run normalises them,
         # and back through the same spec (what net.tokens does to every batch)
-        images = fit_images(cfg.data, cfg.val_fraction, options.palette_images, img_size, net.pixels)
+        images = training_images(cfg, options.palette_images, img_size, net.pixels)
         pixels = F.interpolate(net.pixels.denormalize(images), size=(res, res), mode="area")
         pixels = pixels.permute(0, 2, 3, 1).reshape(-1, 3)
         if pixels.shape[0] < options.palette_size:

@@ -20,14 +20,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import opt
-from ..data import fit_images
 from ..errors import ConfigError
 from ..masking import MASKINGS, draw_mask, mask_to_ids
 from ..models import MaskedAutoencoder, create_mae, encoder_overrides, patchify
 from ..models.presets import ENCODERS
-from ..models.tokenizer import VQTokenizer, tokenizer_grid_matches
-from .base import ObjectiveOptions, check_positive, encode_with_mask_tokens, masked_mean, resolve_mask_ratio
-from .beit import FrozenTokenizer, open_tokenizer
+from ..models.vq import VQTokenizer, tokenizer_grid_matches
+from .base import (FrozenTokenizer, ObjectiveOptions, check_positive, encode_with_mask_tokens, masked_mean,
+                   open_tokenizer, patch_grid, require_rgb, resolve_mask_ratio,
+                   training_images)
 from .targets import PCATarget
 
 TARGETS = ("pixels", "norm_pixels", "pca", "tokens")
@@ -105,10 +105,8 @@ class MAEObjective(nn.Module):
         extra = encoder_overrides(cfg)
         target = options.target or ("norm_pixels" if cfg.norm_pix_loss else "pixels")
         tok, pred_dim, pca_components = None, None, options.pca_components
-        if target == "tokens" and extra.get("in_chans", 3) != 3:
-            raise ConfigError(f"--objective-args: target tokens of objective mae needs RGB images (its tokenizer); "
-                              f"the data has {extra['in_chans']} channel(s)")
         if target == "tokens":
+            require_rgb(extra.get("in_chans", 3), "--objective-args: target tokens of objective mae", "its tokenizer")
             tok = open_tokenizer("mae", options.tokenizer)
             pred_dim = tok.codebook_size
         elif target == "pca":  # MAE kept 96 of 768 dimensions at patch 16: an eighth
@@ -130,8 +128,7 @@ class MAEObjective(nn.Module):
                   pca_components=pca_components, tokenizer_arch=dict(tok.arch) if tok else None,
                   min_block=options.min_block, tokenizer=tok)
         if obj.pca is not None:
-            images = fit_images(cfg.data, cfg.val_fraction, options.pca_images, model.encoder.arch["img_size"],
-                                model.encoder.pixels)
+            images = training_images(cfg, options.pca_images, model.encoder.arch["img_size"], model.encoder.pixels)
             obj.pca.fit(patchify(images, model.patch_size))
         return obj
 
@@ -151,7 +148,7 @@ class MAEObjective(nn.Module):
     def forward_ablation(self, images, rng=None):
         """MAE's steps with Table 1's variations: which patches hide, what the encoder sees, what is predicted."""
         model = self.model
-        grid = model._grid(images)
+        grid = patch_grid(images, model.patch_size)
         hidden = draw_mask(self.masking, images.shape[0], grid, model.mask_ratio, rng, images.device, self.min_block)
         if self.enc_mask_token is None:  # MAE: the encoder sees the visible patches only
             m = mask_to_ids(hidden)

@@ -18,7 +18,7 @@ from ..config import opt
 from ..masking import draw_mask
 from ..models import MaskedViT
 from .base import (MaskTokenObjective, ObjectiveOptions, check_fraction, check_positive, encode_with_mask_tokens,
-                   make_encoder, masked_mean, resolve_mask_ratio)
+                   make_encoder, masked_mean, patch_grid, resolve_mask_ratio)
 from .targets import pixel_target
 
 
@@ -56,7 +56,7 @@ class SimMIMObjective(MaskTokenObjective):
 
     def forward(self, images, labels=None, rng=None):
         p = self.encoder.patch_size
-        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        grid = patch_grid(images, p)
         hidden = draw_mask(self.masking, images.shape[0], grid, self.mask_ratio, rng, images.device, self.min_block)
         h = encode_with_mask_tokens(self.encoder, images, hidden, self.mask_token)
         pred = self.head(h[:, 1:]).float()

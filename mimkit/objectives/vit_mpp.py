@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..masking import random_masking, uniform
 from ..models import MaskedViT
 from .base import MaskTokenObjective, ObjectiveOptions, check_fraction, check_positive, make_encoder, masked_mean, \
-    resolve_mask_ratio
+    patch_grid, require_rgb, resolve_mask_ratio
 from .targets import mean_colour_classes, mosaic_classes, pixel_target
 
 TARGETS = ("mean_colour", "mosaic", "pixels")
@@ -82,9 +82,9 @@ class ViTMPPObjective(MaskTokenObjective):
     def from_config(cls, cfg, options: ViTMPPOptions) -> "ViTMPPObjective":
         ratio = resolve_mask_ratio(cfg, options.mask_ratio, cls.paper_mask_ratio)
         encoder = make_encoder(cfg)
-        if options.target != "pixels" and encoder.in_chans != 3:
-            raise ConfigError(f"--objective-args: target {options.target} of objective vit_mpp is an RGB colour class; "
-                              f"the data has {encoder.in_chans} channel(s): use target: pixels")
+        if options.target != "pixels":
+            require_rgb(encoder.in_chans, f"--objective-args: target {options.target} of objective vit_mpp",
+                        "an RGB colour class", ": use target: pixels")
         if options.target == "mosaic" and encoder.patch_size % options.mosaic_size:
             raise ConfigError(f"--objective-args: mosaic_size {options.mosaic_size} must divide the patch size "
                               f"{encoder.patch_size} of {cfg.model}")
@@ -116,7 +116,7 @@ class ViTMPPObjective(MaskTokenObjective):
 
     def forward(self, images, labels=None, rng=None):
         p = self.encoder.patch_size
-        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        grid = patch_grid(images, p)
         tokens, corrupted, _ = self.corrupt_tokens(self.encoder.patch_tokens(images), rng)
         pred = self.head(self.encoder.forward_tokens(tokens, grid_hw=grid)[:, 1:]).float()
         with torch.no_grad():

@@ -1,5 +1,7 @@
 """What the three evaluations share: the encoder to evaluate, its frozen features, the data, the results file.
 
+* :func:`open_evaluation`: the one opening of ``knn``, ``linprobe`` and ``finetune`` (the run, the encoder, the
+  data, the pixel spec), as an immutable :class:`Evaluation`.
 * :func:`load_eval_encoder` turns ``--checkpoint`` / ``--random-init`` / ``--model`` into a ``MaskedViT``.
 * :func:`loader_features` runs a frozen encoder over a loader once (``mimkit.features.extract_features``
   under autocast);
@@ -15,8 +17,9 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,9 +30,38 @@ from ..features import extract_features
 from ..files import write_text
 from ..precision import autocast
 from ..models import MaskedAutoencoder, MaskedViT, create_mae
+from ..checkpoint_files import save_checkpoint
+from ..data import JoinedSource, make_loader, open_images, resolve_pixels, reuse_pixels, split_train_val
+from ..data.hfdata import dataset_options
+from ..errors import DataError
+from ..objectives import OBJECTIVES
 from ..pixels import PixelSpec
+from ..run import Run, start
 
 log = logging.getLogger("mimkit")
+
+
+# the opening -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Evaluation:
+    run: Run  # the claimed folder, the environment, the pixel spec (run.pixels)
+    encoder: MaskedViT
+    source_info: dict  # where the encoder came from (in results.json)
+    img_size: int
+    source: object  # the opened images (train and validation, one source)
+    train_idx: List[int]
+    val_idx: List[int]
+    num_classes: int
+
+
+def open_evaluation(cfg, command: str) -> Evaluation:
+    """The run (folder claimed, seeded), the encoder to evaluate, the data split and the input spec."""
+    run = start(cfg, command)
+    source, train_idx, val_idx, n_classes = eval_data(cfg)  # the data first: its spec shapes adapted RGB weights
+    encoder, source_info = load_eval_encoder(cfg, source, train_idx + val_idx)
+    img_size = eval_img_size(cfg, encoder)
+    run = run.derive(pixels=eval_pixels(cfg, encoder, source, train_idx + val_idx))
+    return Evaluation(run, encoder, source_info, img_size, source, train_idx, val_idx, n_classes)
 
 
 # the encoder ----------------------------------------------------------------------------------------
@@ -56,7 +88,6 @@ def load_eval_encoder(cfg, data=None, indices=None) -> Tuple[MaskedViT, dict]:
         arch = {k: v for k, v in encoder.arch.items() if k != "pixels"}
         pixels = None
         if data is not None:  # the data's own spec (statistics 'auto' unless given), band names and roles
-            from ..data import resolve_pixels
             pixels = resolve_pixels(data, indices, cfg.in_chans, cfg.value_range, cfg.mean or "auto",
                                     cfg.std or "auto", band_names=cfg.band_names, bands=cfg.bands)
         encoder = load_encoder(read(cfg.checkpoint), model=MaskedViT(**dict(arch, in_chans=cfg.in_chans,
@@ -77,7 +108,6 @@ def _fresh_encoder_from_preset(name: str, in_chans: int = 3) -> MaskedViT:
 
 def _fresh_encoder_like(kind, arch, trained: MaskedViT) -> MaskedViT:
     """The same shape, initialised as its pretraining objective starts it (MAE's initialisation by default)."""
-    from ..objectives import OBJECTIVES
     if kind in OBJECTIVES and kind != "mae" and arch:
         try:
             return OBJECTIVES[kind].build(arch).encoder
@@ -137,7 +167,6 @@ def features_for(encoder: MaskedViT, source, indices, cfg, env, img_size: int, p
     The key hashes the encoder's weights, the images (names, sizes, modification times), the pooling, size and
     precision, so k-NN and the linear probe of one checkpoint compute features once, and nothing stale is read.
     """
-    from ..checkpoints.io import save_checkpoint
     cache_dir = Path(os.path.expanduser(cfg.feature_cache)) if cfg.feature_cache else None
     path = None
     if cache_dir is not None:
@@ -226,9 +255,6 @@ def eval_data(cfg):
     """(source, train indices, validation indices, number of classes) for ``cfg.data``, split by
     ``--val-fraction``, or with ``--val-data`` all of it for training and that set for validation (one joined
     source); unlabeled images (outside any class folder) are left out, as they cannot be scored."""
-    from ..data import JoinedSource, open_images, split_train_val
-    from ..data.hfdata import dataset_options
-    from ..errors import DataError
     source = open_images(cfg.data, **dataset_options(cfg))
     if not source.classes:
         raise DataError(f"{cfg.data}: no class folders, so no labels to evaluate against (put images in "
@@ -265,7 +291,6 @@ def image_loader(source, indices, cfg, env, *, recipe: str = "eval", img_size: i
     """``mimkit.data.make_loader`` with the run's options; one process reads everything unless ``distributed``.
 
     ``shuffle=False`` yields every image once, in order (for features and validation)."""
-    from ..data import make_loader
     rank, world = (env.rank, env.world_size) if distributed else (0, 1)
     return make_loader(source, indices, batch_size=batch_size or cfg.batch_size, recipe=recipe, img_size=img_size,
                        seed=cfg.seed, rank=rank, world_size=world,
@@ -277,7 +302,6 @@ def eval_pixels(cfg, encoder: MaskedViT, source, indices):
     """How the evaluated encoder's input is made: the spec its checkpoint records (channels, value range,
     mean/std, bands by name), with --in-chans/--value-range/--mean/--std/--bands given here in its place; the
     files checked against it, their bands matched to the encoder's by name (``mimkit.data.reuse_pixels``)."""
-    from ..data import reuse_pixels
     mean, std = cfg.mean, cfg.std
     if "pixels" not in encoder.arch and encoder.in_chans != 3 and not (mean or std):
         mean = std = "auto"  # N-channel weights that record no statistics (adapted RGB ones): the data's own

@@ -23,7 +23,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoint_files import load_checkpoint, load_latest, save_checkpoint
 from ..errors import CheckpointError
+from .frozen import freeze
 
 FILE = "tokenizer.pt"
 
@@ -199,14 +201,12 @@ class VQTokenizer(nn.Module):
 # saving and loading -------------------------------------------------------------------------------------
 def save_tokenizer(tokenizer: VQTokenizer, path, **info) -> Path:
     """The tokenizer alone, in the mimkit checkpoint format (kind 'tokenizer')."""
-    from ..checkpoints.io import save_checkpoint  # the ground-floor file I/O (checkpoints/io.py imports no model)
     return save_checkpoint({"format": "mimkit", "version": 1, "kind": "tokenizer", "arch": dict(tokenizer.arch),
                             "model": tokenizer.state_dict(), **info}, path)
 
 
 def load_tokenizer(path) -> VQTokenizer:
     """A trained tokenizer, frozen and in eval mode, from its file, a training checkpoint, or its output folder."""
-    from ..checkpoints.io import load_checkpoint, load_latest
     p = Path(path)
     if p.is_dir():
         if (p / FILE).is_file():
@@ -227,12 +227,6 @@ def load_tokenizer(path) -> VQTokenizer:
         raise CheckpointError(f"{path}: the tokenizer weights do not fit their architecture "
                               f"({str(e).splitlines()[0]})") from None
     return freeze(tok)
-
-
-def freeze(tok: VQTokenizer) -> VQTokenizer:
-    for prm in tok.parameters():
-        prm.requires_grad_(False)
-    return tok.eval()
 
 
 def tokenizer_grid_matches(tok: VQTokenizer, encoder) -> Optional[str]:
