@@ -115,7 +115,7 @@ def test_pretrain_init_and_evaluations_take_roles_by_name_from_tiff_descriptions
     B04,B03,B02 maps the kernels (lr 0, so the checkpoint holds the start), and the checkpoint stores names and
     roles; knn --in-chans 4 --bands 3,2,1 adapts the same RGB file by role too."""
     from mimkit.checkpoints import export, load_encoder
-    from mimkit.eval.features import eval_data, load_eval_encoder
+    from mimkit.eval.common import eval_data, load_eval_encoder
     from mimkit.pretrain import pretrain
     from mimkit.models import ENCODERS
     rgb = micro_mae(3, depth=ENCODERS[MICRO]["depth"])

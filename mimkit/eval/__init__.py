@@ -7,8 +7,13 @@ Each is one API function taking its config and returning ``{"top1": ..., "top5":
     from mimkit.eval import knn
     knn(load_config(KnnConfig, overrides={"checkpoint": "runs/mae", "data": "builtin"}))
 """
+import sys
+
+from . import common
 from .finetune import finetune
 from .knn import knn
 from .linprobe import linprobe
+
+sys.modules[__name__ + ".features"] = common  # the old name of eval.common: imports written before keep working
 
 __all__ = ["knn", "linprobe", "finetune"]
