@@ -36,6 +36,8 @@ from .rundir import run_id as read_run_id
 from .trackers import open_tracker
 
 log = logging.getLogger("mimkit")
+# 2: 8-bit RGB input normalised with the run's recorded statistics (1: with ImageNet's; checkpoints.read.as_trained)
+CHECKPOINT_VERSION = 2
 
 
 # processes and devices ---------------------------------------------------------------------------
@@ -587,7 +589,8 @@ class CheckpointWriter:
         if self.env.is_main:
             pos = self.pos
             save_checkpoint({
-                "format": "mimkit", "version": 1, "kind": getattr(self.task, "name", type(self.task).__name__),
+                "format": "mimkit", "version": CHECKPOINT_VERSION,
+                "kind": getattr(self.task, "name", type(self.task).__name__),
                 "arch": getattr(self.task, "arch", {}), "model": self.task.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": pos.step,
                 "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch, "total_steps": pos.total_steps,

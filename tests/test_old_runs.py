@@ -56,3 +56,32 @@ def test_an_old_grey_run_evaluates(tmp_path):
                                             batch_size=64, num_workers=0, feature_cache="", output=str(tmp_path / "knn")))
     results = knn(cfg)
     assert results["num_val"] > 0 and 0.0 <= results["top1"] <= 100.0
+
+
+@pytest.mark.parametrize("version, want", [(1, "imagenet"), (2, "recorded")])
+def test_rgb_statistics_are_read_as_trained(tmp_path, caplog, version, want):
+    """Before checkpoint version 2, 8-bit RGB runs were normalised with ImageNet's statistics whatever --mean/--std
+    they recorded: such a checkpoint is read back with ImageNet's (warned), a version-2 one with its own. Reading
+    the recorded statistics for an old file (no as_trained) fails the version-1 case; applying it to new files
+    fails the version-2 case."""
+    import logging
+    from mimkit.checkpoint_files import save_checkpoint
+    from mimkit.checkpoints import load_encoder
+    from mimkit.models import create_encoder
+    from mimkit.objectives import OBJECTIVES
+    from mimkit.pixels import IMAGENET_MEAN, IMAGENET_STD
+    recorded = {"in_chans": 3, "dtype": "uint8", "low": None, "high": None, "mean": [0.5, 0.5, 0.5],
+                "std": [0.25, 0.25, 0.25]}
+    arch = dict(encoder=dict(create_encoder("vit_micro_patch4_32").arch, pixels=recorded), decoder_dim=32,
+                decoder_depth=1, decoder_heads=2, mask_ratio=0.75, norm_pix_loss=True)
+    objective = OBJECTIVES["mae"].build(arch)
+    path = save_checkpoint({"format": "mimkit", "version": version, "kind": "mae", "arch": objective.arch,
+                            "model": objective.state_dict()}, tmp_path / "checkpoint.pt")
+    caplog.set_level(logging.WARNING, logger="mimkit")
+    spec = load_encoder(str(path)).pixels
+    if want == "imagenet":
+        assert (spec.mean, spec.std) == (IMAGENET_MEAN, IMAGENET_STD)
+        assert any("before checkpoint version 2" in r.getMessage() for r in caplog.records)
+    else:
+        assert list(spec.mean) == recorded["mean"] and list(spec.std) == recorded["std"]
+        assert not any("before checkpoint version 2" in r.getMessage() for r in caplog.records)

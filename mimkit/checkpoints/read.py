@@ -37,7 +37,7 @@ from ..models import MaskedAutoencoder, MaskedViT, adapt_patch_projection
 from ..models.pos_embed import sincos_2d
 from ..models.presets import DECODERS
 from ..objectives import OBJECTIVES  # a model exactly as trained needs the objective that wrote it (layers: below)
-from ..pixels import PixelSpec, match_bands
+from ..pixels import IMAGENET_MEAN, IMAGENET_STD, PixelSpec, match_bands
 from .hf import from_hf, is_hf
 from ..checkpoint_files import check_state_dict, load_checkpoint, load_latest
 from .official import fold_linprobe_head, official_hints
@@ -155,6 +155,25 @@ def mimkit_arch(meta: dict) -> Optional[dict]:
 
 
 
+def as_trained(arch: dict, version: int, path: str) -> dict:
+    """A checkpoint's arch with the input spec its model was trained on. Before version 2 the loader's 8-bit RGB
+    path normalised with ImageNet's statistics whatever ``--mean/--std`` the run recorded; such a spec is read
+    back as ImageNet's (warned), so old runs are evaluated on the input they were trained on."""
+    nested = isinstance(arch.get("encoder"), dict)
+    pixels = (arch["encoder"] if nested else arch).get("pixels")
+    if version >= 2 or not pixels:
+        return arch
+    spec = PixelSpec.from_dict(pixels, 3)
+    if not (spec.in_chans == 3 and spec.dtype == "uint8" and spec.low is None) or \
+            (spec.mean, spec.std) == (IMAGENET_MEAN, IMAGENET_STD):
+        return arch
+    log.warning("%s: written before checkpoint version 2, whose 8-bit RGB input was normalised with ImageNet's "
+                "statistics whatever the run recorded (mean %s, std %s): read as trained, with ImageNet's", path,
+                list(spec.mean), list(spec.std))
+    fixed = dict(pixels, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    return dict(arch, encoder=dict(arch["encoder"], pixels=fixed)) if nested else dict(arch, pixels=fixed)
+
+
 def from_object(obj, path: str) -> Source:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors (a state dict or a checkpoint), "
@@ -162,11 +181,12 @@ def from_object(obj, path: str) -> Source:
     if obj.get("format") == "mimkit":
         if not isinstance(obj.get("model"), dict):
             raise CheckpointError(f"{path}: a mimkit checkpoint without its 'model' entry")
+        arch = as_trained(obj.get("arch") or {}, obj.get("version", 1), path)
         try:
-            src = from_flat(obj["model"], path, "mimkit", arch=obj.get("arch") or {})
+            src = from_flat(obj["model"], path, "mimkit", arch=arch)
         except CheckpointError:  # an objective whose encoder is not a ViT (iGPT): only its own build reads it
             src = Source(path, "mimkit")
-        src.kind, src.raw, src.arch = obj.get("kind"), obj["model"], obj.get("arch") or {}
+        src.kind, src.raw, src.arch = obj.get("kind"), obj["model"], arch
         return src
     hints = official_hints(obj)
     for key in ("model", "state_dict", "module"):
