@@ -21,6 +21,8 @@ COMMANDS = {
     "sweep": (C.SweepConfig, "mimkit.sweep:sweep", "pretrain and evaluate a grid or list of runs; a table and plots"),
     "shards": (C.ShardsConfig, "mimkit.data.shards:shards_command",
                "write images as webdataset tar shards for streaming (--data 'OUT/shard-{000000..000009}.tar')"),
+    "segment": (C.SegmentConfig, "mimkit.segment:segment",
+                "semantic segmentation on an encoder: mimkit segment train | predict (masks for new images)"),
     "bench": (C.BenchConfig, "mimkit.bench:bench", "time pretraining steps against the peers (HF ViTMAE, lightly)"),
 }
 

@@ -32,7 +32,7 @@ LAYERS = [
     ("checkpoints", ["mimkit.checkpoints"]),
     ("engine", ["mimkit.engine"]),
     ("commands", ["mimkit.pretrain", "mimkit.tokenizer", "mimkit.sweep", "mimkit.eval", "mimkit.features",
-                  "mimkit.viz", "mimkit.bench", "mimkit.monitor"]),
+                  "mimkit.viz", "mimkit.bench", "mimkit.monitor", "mimkit.segment"]),
     ("cli", ["mimkit.cli", "mimkit"]),  # ``mimkit`` itself: the package's public façade (mimkit/__init__.py)
 ]
 
