@@ -1,0 +1,251 @@
+"""mimkit segment: masks paired and checked, joint augmentation, training on 1-channel 16-bit and 4-band TIFF data
+end to end, prediction at other sizes, bad input; the attentive probe."""
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from mimkit.config import LinprobeConfig, SegmentConfig, load_config
+from mimkit.data import PixelSpec
+from mimkit.data.masks import JointAugment, open_pairs, scan_masks, split_pairs
+from mimkit.errors import ConfigError, DataError
+from mimkit.eval.linprobe import linprobe
+from mimkit.models import create_encoder
+from mimkit.models.segmenter import Segmenter, feature_blocks
+from mimkit.segment import load_segmenter, miou_from_counts, scores, segment
+
+torch.set_num_threads(1)
+MICRO = "vit_micro_patch4_32"
+
+
+def scene(rng, h=32, w=32):
+    """A mask of three classes (a vertical cut, a top band) at random positions."""
+    m = np.zeros((h, w), np.uint8)
+    m[:, rng.integers(4, w - 4):] = 1
+    m[:rng.integers(3, h // 2), :] = 2
+    return m
+
+
+def write_dataset(root, kind: str, n: int = 16, seed: int = 0):
+    """``n`` image/mask pairs: kind 'grey16' (1-channel 16-bit PNGs) or 'tiff4' (4-band uint16 TIFFs); classes are
+    told apart by their values, so a model can learn them."""
+    rng = np.random.default_rng(seed)
+    (root / "images" / "sub").mkdir(parents=True)
+    (root / "masks" / "sub").mkdir(parents=True)
+    for i in range(n):
+        m = scene(rng)
+        name = f"sub/s{i:02d}" if i % 2 else f"s{i:02d}"  # nested folders pair by relative path
+        if kind == "grey16":
+            x = rng.normal(8000, 300, m.shape) + 20000.0 * m
+            Image.fromarray(x.astype(np.uint16)).save(root / "images" / f"{name}.png")
+        else:
+            x = rng.normal(1000, 50, m.shape + (4,)) + np.array([[0, 0, 0, 0], [3000, 0, 0, 900], [0, 2500, 600, 0]])[m]
+            tifffile.imwrite(root / "images" / f"{name}.tif", x.astype(np.uint16))
+        Image.fromarray(m).save(root / "masks" / f"{name}.png")
+    return root / "images", root / "masks"
+
+
+def seg_options(tmp_path, images, masks, **kw):
+    return dict(data=str(images), masks=str(masks), output=str(tmp_path / "run"), random_init=True, model=MICRO,
+                device="cpu", precision="fp32", threads=1, num_workers=0, batch_size=4, head_channels=16,
+                val_fraction=0.25, **kw)
+
+
+@pytest.mark.parametrize("kind,in_chans", [("grey16", 1), ("tiff4", 4)])
+def test_trains_evaluates_and_predicts_end_to_end(tmp_path, kind, in_chans):
+    images, masks = write_dataset(tmp_path / "data", kind)
+    results = segment(load_config(SegmentConfig, overrides=seg_options(
+        tmp_path, images, masks, in_chans=in_chans, epochs=4, lr=3e-3, eval_every=2)))
+    run = tmp_path / "run"
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["num_classes"] == 3 and saved["num_val"] == 4 and len(saved["per_class_iou"]) == 3
+    # learned something: the held-out pixels are mostly right (3 classes by value; the majority class is ~50%)
+    assert saved["pixel_accuracy"] > 70, saved
+    assert (run / "figures" / "segmentation.png").is_file() and (run / "model.pt").is_file()
+    counts = np.load(run / "per_image.npz")["counts"]
+    assert counts.shape == (4, 3, 3)
+    assert miou_from_counts(counts.sum(0)) == pytest.approx(results["miou"])
+    assert any("val_miou" in json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+
+    # predict: images of another size than the training crop (32), through the command and the Python API
+    rng = np.random.default_rng(5)
+    new = tmp_path / "new"
+    new.mkdir()
+    big = scene(rng, 40, 72)
+    if kind == "grey16":
+        x = (rng.normal(8000, 300, big.shape) + 20000.0 * big).astype(np.uint16)
+        Image.fromarray(x).save(new / "big.png")
+    else:
+        x = (rng.normal(1000, 50, big.shape + (4,)) + np.array([[0] * 4, [3000, 0, 0, 900], [0, 2500, 600, 0]])[big])
+        x = x.astype(np.uint16)
+        tifffile.imwrite(new / "big.tif", x)
+    out = segment(load_config(SegmentConfig, overrides=dict(action="predict", checkpoint=str(run), data=str(new),
+                                                            output=str(tmp_path / "pred"), device="cpu",
+                                                            precision="fp32", threads=1)))
+    written = Image.open(tmp_path / "pred" / "masks" / "big.png")
+    assert written.mode == "P" and written.size == (72, 40) and out["num_images"] == 1
+    assert (tmp_path / "pred" / "overlays" / "big.png").is_file()
+    seg = load_segmenter(run)
+    pred = seg.predict(x)
+    assert pred.shape == (40, 72)
+    assert np.array_equal(pred, np.asarray(written))
+    assert (pred == big).mean() > 0.7
+
+
+def test_predict_scores_against_masks_and_refuses_another_class_count(tmp_path):
+    images, masks = write_dataset(tmp_path / "data", "grey16", n=8)
+    segment(load_config(SegmentConfig, overrides=seg_options(tmp_path, images, masks, in_chans=1, epochs=1,
+                                                             head="linear")))
+    res = segment(load_config(SegmentConfig, overrides=dict(
+        action="predict", checkpoint=str(tmp_path / "run"), data=str(images), masks=str(masks),
+        output=str(tmp_path / "pred"), device="cpu", precision="fp32", threads=1)))
+    assert res["num_val"] == 8 and 0 <= res["miou"] <= 100
+    assert (tmp_path / "pred" / "per_image.npz").is_file()
+    with pytest.raises(ConfigError, match="predicts 3 classes but --classes is 5"):
+        segment(load_config(SegmentConfig, overrides=dict(
+            action="predict", checkpoint=str(tmp_path / "run"), data=str(images), classes=5,
+            output=str(tmp_path / "pred2"), device="cpu", threads=1)))
+
+
+def test_sliding_windows_place_each_window_where_it_belongs():
+    torch.manual_seed(0)
+    model = Segmenter(create_encoder(MICRO), 4, "linear").eval()
+    x = torch.randn(2, 3, 32, 64)
+    with torch.no_grad():
+        whole = model.slide(x, overlap=0.0)
+        halves = torch.cat([model(x[..., :32]), model(x[..., 32:])], -1)
+        assert torch.allclose(whole, halves, atol=1e-5)
+        assert torch.allclose(model.slide(x[..., :32]), model(x[..., :32]), atol=1e-5)  # one window: the model
+        small = model.slide(x[:, :, :20, :24])  # padded up to one window, cut back
+        assert small.shape == (2, 4, 20, 24)
+
+
+def test_feature_blocks_are_the_papers():
+    assert feature_blocks(12) == [3, 5, 7, 11] and feature_blocks(24) == [7, 11, 15, 23]
+
+
+def test_joint_augmentation_keeps_image_and_mask_aligned():
+    rng = np.random.default_rng(0)
+    m = np.kron(rng.integers(0, 5, (6, 5)), np.ones((8, 8), np.int64))  # 48 x 40 of 8-px blocks of classes 0..4
+    x = torch.from_numpy(m.astype(np.float32) / 10)[None]  # one channel: the class / 10
+    spec = PixelSpec(in_chans=1, dtype="float", mean=(0.0,), std=(1.0,))
+    aug = JointAugment(32, spec, 255, (0.5, 2.0))
+    flipped = agree = padded = 0
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        xi, mi = aug(x, torch.from_numpy(m), g)
+        flipped += bool(aug.sample(m.shape, torch.Generator().manual_seed(seed))[1])
+        value = xi[0] * 10
+        # block interiors (4 px from any class edge, >= 2 source px at any scale): bicubic is exact there
+        pool = lambda t: torch.nn.functional.max_pool2d(t.float()[None, None], 9, 1, 4)[0, 0]  # noqa: E731
+        inside = (mi != 255) & (pool(mi) == -pool(-mi))
+        inside[:4], inside[-4:], inside[:, :4], inside[:, -4:] = False, False, False, False  # edges beyond the crop
+        assert torch.allclose(value[inside], mi[inside].float(), atol=1e-4)
+        # padding: the ignore index and a zero pixel together (away from the edge, which bicubic blends)
+        near = torch.nn.functional.max_pool2d((mi != 255).float()[None, None], 5, 1, 2)[0, 0] > 0
+        assert torch.all(xi[0][~near] == 0)
+        padded += int((~near).sum())
+        agree += int(inside.sum())
+    assert agree > 2000 and padded > 1000 and 5 < flipped < 35  # many pixels checked; both flips
+
+
+def test_fixed_split_is_the_last_fraction_by_name(tmp_path):
+    images, masks = write_dataset(tmp_path / "data", "grey16", n=10)
+    pairs = open_pairs(str(images), str(masks))
+    train, val = split_pairs(pairs, 0.2)
+    names = [pairs.name(k) for k in range(len(pairs))]
+    assert names == sorted(names, key=lambda n: n.split("/")) and [names[k] for k in val] == names[-2:]
+    assert all(pairs.mask_path(k).endswith(pairs.name(k)[:-4] + ".png") for k in range(len(pairs)))
+
+
+def test_csv_pairs(tmp_path):
+    images, masks = write_dataset(tmp_path / "data", "grey16", n=4)
+    rows = ["image,mask"] + [f"images/{p.name},masks/{p.name}" for p in sorted(images.glob("*.png"))]
+    (tmp_path / "data" / "pairs.csv").write_text("\n".join(rows) + "\n")
+    pairs = open_pairs(str(tmp_path / "data" / "pairs.csv"))
+    assert len(pairs) == 2 and pairs.read_mask(0).shape == (32, 32)
+
+
+# bad input -----------------------------------------------------------------------------------------------------
+def spec1():
+    return PixelSpec(in_chans=1, dtype="float", mean=(0.5,), std=(0.5,))
+
+
+def test_bad_inputs_are_one_line_errors_naming_the_file(tmp_path):
+    images, masks = write_dataset(tmp_path / "data", "grey16", n=4)
+    (masks / "s02.png").rename(tmp_path / "s02.png")
+    with pytest.raises(DataError, match=r"s02.png: no mask s02\.\*"):
+        open_pairs(str(images), str(masks))
+    (tmp_path / "s02.png").rename(masks / "s02.png")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(masks / "extra.png")
+    with pytest.raises(DataError, match="extra.png: a mask with no image"):
+        open_pairs(str(images), str(masks))
+    (masks / "extra.png").unlink()
+
+    def scan(**kw):
+        pairs = open_pairs(str(images), str(masks))
+        return scan_masks(pairs, range(len(pairs)), spec1(), **kw)
+
+    assert scan().num_classes == 3
+    Image.fromarray(np.zeros((30, 32), np.uint8)).save(masks / "s00.png")
+    with pytest.raises(DataError, match=r"s00.png: mask is 32x30 \(WxH\) but its image .*s00.png is 32x32"):
+        scan()
+    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(masks / "s00.png")
+    with pytest.raises(DataError, match="s00.png: holds the value 7, outside the 3 classes 0..2"):
+        scan(classes=3)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(masks / "s00.png")
+    with pytest.raises(DataError, match="s00.png: is a RGB image, not a mask of class ids"):
+        scan()
+    palette = Image.fromarray(np.full((32, 32), 2, np.uint8), "P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    palette.save(masks / "s00.png")
+    assert scan().num_classes == 3  # a palette PNG is read by index
+
+
+def test_binary_masks_keep_their_foreground(tmp_path, caplog):
+    images, masks = write_dataset(tmp_path / "data", "grey16", n=4)
+    for p in masks.rglob("*.png"):
+        Image.fromarray(np.where(np.asarray(Image.open(p)) > 0, 255, 0).astype(np.uint8)).save(p)
+    pairs = open_pairs(str(images), str(masks))
+    info = scan_masks(pairs, range(4), spec1())
+    assert info.binary and info.num_classes == 2 and "255 is read as class 1" in caplog.text
+    assert int(info.convert(pairs.read_mask(0)).max()) == 1  # the foreground is class 1, not ignored
+    info = scan_masks(pairs, range(4), spec1(), classes=1)  # asked for: 255 stays the ignore index
+    assert not info.binary and info.num_classes == 1
+
+
+def test_segment_options_are_checked():
+    with pytest.raises(ConfigError, match="--resize-range"):
+        load_config(SegmentConfig, overrides=dict(random_init=True, model=MICRO, resize_range="2,1"))
+    with pytest.raises(ConfigError, match="--checkpoint is required"):
+        load_config(SegmentConfig, overrides=dict(action="predict"))
+
+
+def test_scores_math():
+    conf = np.array([[3, 1, 0], [0, 4, 0], [0, 0, 0]])  # class 2 absent from truth and prediction: left out
+    s = scores(conf)
+    assert s["miou"] == pytest.approx((3 / 4 + 4 / 5) / 2 * 100) and s["pixel_accuracy"] == pytest.approx(7 / 8 * 100)
+    assert s["per_class_iou"][2] is None
+
+
+# attentive probe ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cache", ["memory", "recompute"])
+def test_attentive_probe_trains_and_scores(tmp_path, cache, caplog):
+    caplog.set_level("INFO")
+    res = linprobe(load_config(LinprobeConfig, overrides=dict(
+        head="attentive", token_cache=cache, random_init=True, model=MICRO, data="builtin", epochs=3,
+        batch_size=64, device="cpu", precision="fp32", threads=1, num_workers=0, output=str(tmp_path / "run"))))
+    assert res["head"] == "attentive" and res["tokens_cached"] == (cache == "memory")
+    assert ("cached in memory" if cache == "memory" else "recomputed by the frozen encoder") in caplog.text
+    assert res["lr"] == pytest.approx(1e-3 * 64 / 256)  # the attentive head's own default, AdamW
+    assert res["top1"] > 15  # 10 classes: above chance after 3 epochs on the untrained encoder's tokens
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["top5"] == res["top5"]
+
+
+def test_attentive_probe_keeps_an_explicit_lr():
+    cfg = load_config(LinprobeConfig, overrides=dict(head="attentive", random_init=True, model=MICRO, base_lr=0.1))
+    assert cfg.base_lr == 0.1
+    assert load_config(LinprobeConfig, overrides=dict(random_init=True, model=MICRO)).base_lr == 0.1
