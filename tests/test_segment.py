@@ -249,3 +249,64 @@ def test_attentive_probe_keeps_an_explicit_lr():
     cfg = load_config(LinprobeConfig, overrides=dict(head="attentive", random_init=True, model=MICRO, base_lr=0.1))
     assert cfg.base_lr == 0.1
     assert load_config(LinprobeConfig, overrides=dict(random_init=True, model=MICRO)).base_lr == 0.1
+
+
+# the collage benchmark ---------------------------------------------------------------------------------------------
+def fake_cifar(path, per_class=10, classes=3):
+    """A .tar.gz of class folders of 8x8 PNGs, each image one flat colour that encodes (class, index)."""
+    import tarfile
+    root = path.parent / "fake"
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((8, 8, 3), (c * 80, i * 20, 7), np.uint8)).save(root / f"c{c}" / f"{i:02d}.png")
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(root, arcname="fake")
+    return path
+
+
+def script(name):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_collages_are_deterministic_and_respect_the_split(tmp_path):
+    make = script("collages").make
+    archive = fake_cifar(tmp_path / "fake.tar.gz")
+    make(str(archive), str(tmp_path / "a"), n_train=12, n_val=6, size=8, seed=3)
+    make(str(archive), str(tmp_path / "b"), n_train=12, n_val=6, size=8, seed=3)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert len(files) == 36
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert (tmp_path / "a" / "classes.txt").read_text() == "c0\nc1\nc2\n"
+    for split, allowed in (("train", range(0, 9)), ("val", range(9, 10))):  # --val-fraction 0.1: the last of 10
+        for p in sorted((tmp_path / "a" / split / "images").glob("*.png")):
+            x = np.asarray(Image.open(p)).reshape(-1, 3)
+            m = np.asarray(Image.open(tmp_path / "a" / split / "masks" / p.name)).reshape(-1)
+            assert 2 <= len(np.unique(m)) <= 3  # 2-4 images of distinct classes (only 3 classes here)
+            assert np.array_equal(x[:, 0] // 80, m)  # each pixel's class is its source image's
+            assert set((x[:, 1] // 20).tolist()) <= set(allowed)  # source images from this split only
+
+
+def test_paired_bootstrap_of_a_miou_difference():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 4, (200, 64))
+    good = np.where(rng.random(truth.shape) < 0.8, truth, rng.integers(0, 4, truth.shape))
+    bad = np.where(rng.random(truth.shape) < 0.6, truth, rng.integers(0, 4, truth.shape))
+
+    def counts(pred):
+        out = np.zeros((len(truth), 4, 3), np.int64)
+        for n, (t, p) in enumerate(zip(truth, pred)):
+            for c in range(4):
+                out[n, c] = [((t == c) & (p == c)).sum(), ((t != c) & (p == c)).sum(), ((t == c) & (p != c)).sum()]
+        return out
+
+    r = script("bootstrap").paired_bootstrap(counts(good), counts(bad), resamples=300)
+    assert r["difference"] == pytest.approx(r["miou_a"] - r["miou_b"]) and r["difference"] > 10
+    assert 0 < r["standard_error"] < 3 and r["ci95"][0] < r["difference"] < r["ci95"][1]
+    same = script("bootstrap").paired_bootstrap(counts(good), counts(good), resamples=50)
+    assert same["difference"] == 0 and same["standard_error"] == 0  # paired: identical runs never differ
