@@ -310,3 +310,36 @@ def test_paired_bootstrap_of_a_miou_difference():
     assert 0 < r["standard_error"] < 3 and r["ci95"][0] < r["difference"] < r["ci95"][1]
     same = script("bootstrap").paired_bootstrap(counts(good), counts(good), resamples=50)
     assert same["difference"] == 0 and same["standard_error"] == 0  # paired: identical runs never differ
+
+
+def test_masks_follow_their_own_exif_orientation_as_images_do(tmp_path):
+    """An image and its mask stored with the same EXIF orientation are both turned upright, so they stay aligned."""
+    (tmp_path / "i").mkdir()
+    (tmp_path / "m").mkdir()
+    m = np.kron(np.array([[0, 1], [2, 1]], np.uint8), np.ones((4, 6), np.uint8))  # 8 x 12, not symmetric
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(m * 100).save(tmp_path / "i" / "a.png", exif=exif)
+    Image.fromarray(m).save(tmp_path / "m" / "a.png", exif=exif)
+    pairs = open_pairs(str(tmp_path / "i"), str(tmp_path / "m"))
+    image, mask = pairs.read_image(0)[:, :, 0], pairs.read_mask(0)
+    assert mask.shape == (12, 8) and np.array_equal(image, mask * 100)
+    assert np.array_equal(mask, np.rot90(m, -1))
+
+
+def test_hugging_face_dataset_with_a_mask_column(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+    rows = {"image": [], "mask": []}
+    for _ in range(6):
+        m = scene(rng)
+        rows["image"].append(Image.fromarray((m * 80).astype(np.uint8)))
+        rows["mask"].append(Image.fromarray(m))
+    ds = datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image(),
+                                                                      "mask": datasets.Image()}))
+    datasets.DatasetDict({"train": ds.select(range(4)), "validation": ds.select(range(4, 6))}).save_to_disk(
+        str(tmp_path / "hf"))
+    pairs = open_pairs(f"hfds:{tmp_path / 'hf'}")
+    assert split_pairs(pairs, 0.5) == ([0, 1, 2, 3], [4, 5])  # the dataset's own splits
+    assert np.array_equal(pairs.read_image(5)[:, :, 0], pairs.read_mask(5) * 80)
+    assert scan_masks(pairs, range(6), spec1()).num_classes == 3

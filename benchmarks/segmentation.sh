@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The segmentation benchmark of docs/segmentation.md: an encoder pretrained with configs/cifar10.yaml against the
+# same architecture from random init, UperNet against the linear head, at equal segmentation minutes on the CIFAR-10
+# collages; then the attentive probe against the linear probe and k-NN of the same encoder on the held-out 5k.
+#
+#   benchmarks/segmentation.sh ENCODER_RUN [MINUTES] [OUT]
+#   (defaults: 7 minutes per segmentation run, runs/seg-bench; THREADS=1 by default: one core per run)
+#
+# Writes OUT/collages (once), OUT/{mae,random}-{upernet,linear}, OUT/probe-{attentive,linear}, OUT/knn, and
+# prints the paired-bootstrap differences. Each segmentation run is MINUTES of training plus the held-out scoring.
+set -euo pipefail
+ENC=${1:?usage: benchmarks/segmentation.sh ENCODER_RUN [MINUTES] [OUT]}
+MIN=${2:-7}
+OUT=${3:-runs/seg-bench}
+THREADS=${THREADS:-1}
+DATA=${DATA:-../shared/data/cifar10-train.tar.gz}
+C=$OUT/collages
+[ -f "$C/classes.txt" ] || python benchmarks/collages.py "$DATA" "$C" --train 20000 --val 2000
+
+SEG=(--data "$C/train/images" --masks "$C/train/masks" --val-data "$C/val/images" --val-masks "$C/val/masks"
+     --class-names "$C/classes.txt" --threads "$THREADS" --time-limit "$MIN" --eval-every 0)
+for init in mae random; do
+  for head in upernet linear; do
+    run=$OUT/$init-$head
+    [ -f "$run/results.json" ] && continue
+    extra=(); [ "$init" = random ] && extra=(--random-init)
+    mimkit segment --checkpoint "$ENC" --head "$head" "${SEG[@]}" "${extra[@]}" --output "$run" --overwrite
+  done
+done
+python benchmarks/bootstrap.py "$OUT/mae-upernet" "$OUT/random-upernet"
+python benchmarks/bootstrap.py "$OUT/mae-linear" "$OUT/random-linear"
+python benchmarks/bootstrap.py "$OUT/mae-upernet" "$OUT/mae-linear"
+
+# frozen probes of the same encoder on the fixed held-out 5k (all 45k training images)
+P=(--checkpoint "$ENC" --data "$DATA" --threads "$THREADS")
+[ -f "$OUT/knn/results.json" ] || mimkit knn "${P[@]}" --pool mean --output "$OUT/knn" --overwrite
+[ -f "$OUT/probe-linear/results.json" ] || mimkit linprobe "${P[@]}" --pool mean --lr 4 --output "$OUT/probe-linear" --overwrite
+[ -f "$OUT/probe-attentive/results.json" ] || mimkit linprobe "${P[@]}" --head attentive --epochs 20 --warmup-epochs 2 \
+    --batch-size 256 --output "$OUT/probe-attentive" --overwrite
+for r in knn probe-linear probe-attentive; do
+  python -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'top1 %.2f top5 %.2f' % (r['top1'], r['top5']))" \
+    "$OUT/$r/results.json" "$r"
+done
