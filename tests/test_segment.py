@@ -343,3 +343,34 @@ def test_hugging_face_dataset_with_a_mask_column(tmp_path):
     assert split_pairs(pairs, 0.5) == ([0, 1, 2, 3], [4, 5])  # the dataset's own splits
     assert np.array_equal(pairs.read_image(5)[:, :, 0], pairs.read_mask(5) * 80)
     assert scan_masks(pairs, range(6), spec1()).num_classes == 3
+
+
+def test_pair_loader_resumes_mid_epoch_and_shards_the_global_batch(tmp_path):
+    from mimkit.data.masks import PairLoader
+    images, masks = write_dataset(tmp_path / "data", "grey16", n=12)
+    pairs = open_pairs(str(images), str(masks))
+    info = scan_masks(pairs, range(12), spec1())
+    aug = JointAugment(16, spec1(), 255)
+
+    def batches(start=0, rank=0, world=1, batch=2):
+        loader = PairLoader(pairs, range(12), spec1(), info, aug, batch_size=batch, seed=1, rank=rank,
+                            world_size=world, num_workers=0)
+        loader.set_epoch(3, start)
+        return list(loader)
+
+    whole = batches()
+    assert len(whole) == 6
+    for (x, m), (x2, m2) in zip(whole[2:], batches(start=2)):  # a resumed epoch: the same crops, the same order
+        assert torch.equal(x, x2) and torch.equal(m, m2)
+    shards = [batches(rank=r, world=2, batch=1) for r in range(2)]  # two processes share each global batch of 2
+    for b, (x, m) in enumerate(whole[:3]):
+        assert torch.equal(torch.cat([shards[0][b][0], shards[1][b][0]]), x)
+
+
+def test_more_than_256_classes_are_written_as_tiff(tmp_path):
+    from mimkit.segment import class_colours, write_mask
+    mask = np.arange(300 * 4).reshape(30, 40) % 300
+    path = write_mask(mask, tmp_path / "m", class_colours(300))
+    assert path.suffix == ".tif" and np.array_equal(tifffile.imread(path), mask)
+    path = write_mask(mask % 7, tmp_path / "p", class_colours(7))
+    assert path.suffix == ".png" and np.array_equal(np.asarray(Image.open(path)), mask % 7)
