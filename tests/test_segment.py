@@ -213,8 +213,8 @@ def test_binary_masks_keep_their_foreground(tmp_path, caplog):
     info = scan_masks(pairs, range(4), spec1())
     assert info.binary and info.num_classes == 2 and "255 is read as class 1" in caplog.text
     assert int(info.convert(pairs.read_mask(0)).max()) == 1  # the foreground is class 1, not ignored
-    info = scan_masks(pairs, range(4), spec1(), classes=1)  # asked for: 255 stays the ignore index
-    assert not info.binary and info.num_classes == 1
+    with pytest.raises(DataError, match="hold only 0 and 255.*leave --classes out"):  # never silently lost
+        scan_masks(pairs, range(4), spec1(), classes=3)
 
 
 def test_segment_options_are_checked():
@@ -268,7 +268,8 @@ def fake_cifar(path, per_class=10, classes=3):
 def script(name):
     import importlib.util
     from pathlib import Path
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

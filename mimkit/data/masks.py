@@ -181,9 +181,9 @@ def scan_masks(pairs: Pairs, indices, spec: PixelSpec, *, classes: int = 0, clas
     """Read every pair of ``indices`` once, before training: a one-line DataError for a mask whose size differs
     from its image's, a mask value outside the classes (not ``ignore_index``), an unreadable file; the class count
     from ``classes``, the names file, or the largest value + 1. Masks holding only 0 and 255 (the usual way to
-    store binary masks) are read as 0/1 with a log line rather than losing their foreground to the ignore index,
-    unless ``--classes``/names say otherwise. ``binary`` forces that choice (a trained model's). The decoded pairs
-    are kept in memory (``MaskInfo.cache``) when they fit."""
+    store binary masks) are read as 0/1 with a log line rather than losing their foreground to the ignore index; with
+    a class count other than 2 given they are refused, saying how. ``binary`` forces the choice (a trained
+    model's). The decoded pairs are kept in memory (``MaskInfo.cache``) when they fit."""
     names = read_class_names(class_names) if class_names else []
     if names and classes and len(names) != classes:
         raise ConfigError(f"--classes {classes} but {class_names} names {len(names)} classes")
@@ -214,9 +214,13 @@ def scan_masks(pairs: Pairs, indices, spec: PixelSpec, *, classes: int = 0, clas
     if binary is None:
         binary = seen <= set(BINARY) and 255 in seen and ignore_index == 255 and classes in (0, 2) \
             and len(names) in (0, 2)
+    if not binary and seen == set(BINARY) and ignore_index == 255:  # never lose a foreground to the ignore index
+        raise DataError(f"{pairs.masks.root}: the masks hold only 0 and 255, so with --ignore-index 255 there is "
+                        f"nothing but class 0 to learn; for binary masks saved as 0/255 leave --classes out (or give "
+                        f"2): 255 is then read as class 1")
     if binary:
         log.warning("masks hold only the values 0 and 255 (binary masks): 255 is read as class 1 (foreground), not "
-                    "as the ignore index; pass --classes 1 to keep 255 as the ignore index")
+                    "as the ignore index")
         seen = {1 if v == 255 else v for v in seen}
         first = {(1 if v == 255 else v): k for v, k in first.items()}
     values = sorted(v for v in seen if v != ignore_index)

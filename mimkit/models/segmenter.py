@@ -82,7 +82,8 @@ class Segmenter(nn.Module):
                 from segmentation_models_pytorch.base import SegmentationHead
                 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
             except ImportError as e:
-                raise ImportError("the UperNet head needs segmentation-models-pytorch: pip install 'mimkit[seg]'") from e
+                raise ImportError("the UperNet head needs segmentation-models-pytorch: "
+                                  "pip install 'mimkit[seg]'") from e
             self.pyramid = SimplePyramid(dim, encoder.patch_size)
             # smp's decoder skips the first two entries (strides 1 and 2); the rest are our four levels
             self.decoder = UPerNetDecoder([encoder.in_chans, dim, dim, dim, dim, dim], encoder_depth=5,
