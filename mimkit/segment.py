@@ -19,6 +19,7 @@ From Python::
     seg = load_segmenter("runs/seg")
     mask = seg.predict(array)           # (H, W[, C]) file values, as the files hold them -> (H, W) class ids
 """
+import importlib.util
 import io
 import logging
 import time
@@ -304,6 +305,9 @@ def train(cfg: SegmentConfig) -> dict:
     t0 = time.time()
     if cfg.head == "upernet" and cfg.batch_size < 2:
         raise ConfigError("--batch-size must be >= 2 for the UperNet head (its BatchNorm layers need two images)")
+    if cfg.head == "upernet" and importlib.util.find_spec("segmentation_models_pytorch") is None:
+        raise ConfigError("--head upernet needs segmentation-models-pytorch: pip install 'mimkit[seg]' "
+                          "(or --head linear)")
     env = setup(cfg)
     rundir.prepare(cfg, "segment", env)
     seed_everything(cfg.seed)

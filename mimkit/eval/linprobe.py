@@ -187,15 +187,18 @@ def attentive_probe(cfg, env, encoder, source_info, source, train_idx, val_idx, 
     """``linprobe --head attentive``: the probe over all patch tokens, cached in 16 bits in memory where they fit
     in half the available memory (``--token-cache auto``), else recomputed by the frozen encoder every step."""
     grid = (img_size // encoder.patch_size) ** 2
-    need = (len(train_idx) + len(val_idx)) * grid * encoder.embed_dim * torch.finfo(TOKEN_DTYPE).bits // 8
+    need = len(train_idx) * grid * encoder.embed_dim * torch.finfo(TOKEN_DTYPE).bits // 8
     free = available_memory()
     cache = cfg.token_cache == "memory" or (cfg.token_cache == "auto" and need <= free // 2)
-    if env.is_main:
-        log.info("attentive probe: %d x %d tokens of %d dims are %.2f GB in 16 bits, %.2f GB available: %s",
-                 len(train_idx) + len(val_idx), grid, encoder.embed_dim, need / 1e9, free / 1e9,
+    if env.is_main:  # the held-out images' tokens are computed once, for scoring, and never kept
+        log.info("attentive probe: %d training images x %d tokens of %d dims are %.2f GB in 16 bits, %.2f GB "
+                 "available: %s", len(train_idx), grid, encoder.embed_dim, need / 1e9, free / 1e9,
                  "cached in memory" if cache else "recomputed by the frozen encoder every step"
                  + (" (--token-cache recompute)" if cfg.token_cache == "recompute" else ""))
-    loader_of = lambda idx, **kw: image_loader(source, idx, cfg, env, img_size=img_size, pixels=pixels, **kw)  # noqa
+
+    def loader_of(idx, **kw):
+        return image_loader(source, idx, cfg, env, img_size=img_size, pixels=pixels, **kw)
+
     if cache:
         train_t, train_y = cached_tokens(encoder, loader_of(train_idx), len(train_idx), env.device, env.precision)
         loader = FeatureLoader(train_t, train_y, cfg.batch_size, seed=cfg.seed, rank=env.rank,
