@@ -4,13 +4,14 @@
 # collages; then the attentive probe against the linear probe and k-NN of the same encoder on the held-out 5k.
 #
 #   benchmarks/segmentation.sh ENCODER_RUN [MINUTES] [OUT]
-#   (defaults: 7 minutes per segmentation run, runs/seg-bench; THREADS=1 by default: one core per run)
+#   (defaults: 20 minutes per segmentation run, runs/seg-bench; THREADS=1 by default: one core per run; at 5
+#   minutes of one contended core neither encoder got past ~9% mIoU, see docs/segmentation.md)
 #
-# Writes OUT/collages (once), OUT/{mae,random}-{upernet,linear}, OUT/probe-{attentive,linear}, OUT/knn, and
-# prints the paired-bootstrap differences. Each segmentation run is MINUTES of training plus the held-out scoring.
+# Writes OUT/collages (once), OUT/{mae,random}-{upernet,linear,frozen-linear}, OUT/probe-{attentive,linear}, OUT/knn,
+# and prints the paired-bootstrap differences. Each segmentation run is MINUTES of training plus the held-out scoring.
 set -euo pipefail
 ENC=${1:?usage: benchmarks/segmentation.sh ENCODER_RUN [MINUTES] [OUT]}
-MIN=${2:-7}
+MIN=${2:-20}
 OUT=${3:-runs/seg-bench}
 THREADS=${THREADS:-1}
 DATA=${DATA:-../shared/data/cifar10-train.tar.gz}
@@ -19,16 +20,19 @@ C=$OUT/collages
 
 SEG=(--data "$C/train/images" --masks "$C/train/masks" --val-data "$C/val/images" --val-masks "$C/val/masks"
      --class-names "$C/classes.txt" --threads "$THREADS" --time-limit "$MIN" --eval-every 0)
+# fine-tuned with each head, and a dense linear probe (frozen encoder, linear head: the features alone)
 for init in mae random; do
-  for head in upernet linear; do
+  for head in upernet linear frozen-linear; do
     run=$OUT/$init-$head
     [ -f "$run/results.json" ] && continue
     extra=(); [ "$init" = random ] && extra=(--random-init)
-    mimkit segment --checkpoint "$ENC" --head "$head" "${SEG[@]}" "${extra[@]}" --output "$run" --overwrite
+    [ "$head" = frozen-linear ] && extra+=(--frozen-encoder)
+    mimkit segment --checkpoint "$ENC" --head "${head#frozen-}" "${SEG[@]}" "${extra[@]}" --output "$run" --overwrite
   done
 done
-python benchmarks/bootstrap.py "$OUT/mae-upernet" "$OUT/random-upernet"
-python benchmarks/bootstrap.py "$OUT/mae-linear" "$OUT/random-linear"
+for head in upernet linear frozen-linear; do
+  python benchmarks/bootstrap.py "$OUT/mae-$head" "$OUT/random-$head"
+done
 python benchmarks/bootstrap.py "$OUT/mae-upernet" "$OUT/mae-linear"
 
 # frozen probes of the same encoder on the fixed held-out 5k (all 45k training images)
