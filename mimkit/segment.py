@@ -371,7 +371,7 @@ def train(cfg: SegmentConfig) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("segmenting %d classes with a %s head on %s (%.2fM of %.2fM parameters trainable%s), crop %d, "
+        log.info("segmenting %d classes with a %s head on %s (%.3gM of %.3gM parameters trainable%s), crop %d, "
                  "%d training and %d held-out images, lr %.3g, layer decay %.2f", info.num_classes, cfg.head,
                  source_info.get("model") or source_info.get("checkpoint"), trainable / 1e6,
                  sum(p.numel() for p in model.parameters()) / 1e6,

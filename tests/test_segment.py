@@ -375,3 +375,21 @@ def test_more_than_256_classes_are_written_as_tiff(tmp_path):
     assert path.suffix == ".tif" and np.array_equal(tifffile.imread(path), mask)
     path = write_mask(mask % 7, tmp_path / "p", class_colours(7))
     assert path.suffix == ".png" and np.array_equal(np.asarray(Image.open(path)), mask % 7)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_frozen_encoder_stays_as_pretrained(tmp_path, frozen):
+    from mimkit.checkpoints.io import save_checkpoint
+    from mimkit.objectives import OBJECTIVES
+    torch.manual_seed(0)
+    mae = OBJECTIVES["mae"].build(dict(encoder=create_encoder(MICRO, in_chans=1).arch, decoder_dim=32,
+                                       decoder_depth=1, decoder_heads=2, mask_ratio=0.75, norm_pix_loss=True))
+    ckpt = save_checkpoint({"format": "mimkit", "version": 1, "kind": "mae", "arch": mae.arch,
+                            "model": mae.state_dict(), "step": 1}, tmp_path / "enc.pt")
+    images, masks = write_dataset(tmp_path / "data", "grey16", n=8)
+    opts = seg_options(tmp_path, images, masks, epochs=1, head="linear", lr=1e-2, frozen_encoder=frozen)
+    del opts["random_init"], opts["model"]
+    segment(load_config(SegmentConfig, overrides=dict(opts, checkpoint=str(ckpt), mean="0.5", std="0.5")))
+    trained = load_segmenter(tmp_path / "run").model.encoder.state_dict()
+    same = all(torch.equal(v, trained[k]) for k, v in mae.encoder.state_dict().items() if k in trained)
+    assert same == frozen  # frozen: untouched; tuned: moved
