@@ -211,17 +211,17 @@ def figure(rows, path: Path, min_side: int = 96):
 
 
 def write_mask(mask: np.ndarray, path: Path, colours: np.ndarray) -> Path:
-    """A predicted mask: a palette PNG (its values the class ids, its colours the classes'), or a 16-bit TIFF when
+    """A predicted mask at ``path`` + .png: a palette PNG (its values the class ids, its colours the classes'), or a 16-bit TIFF when
     there are more than 256 classes."""
     if len(colours) > 256:
         import tifffile
         buf = io.BytesIO()
         tifffile.imwrite(buf, mask.astype(np.uint16))
-        return write_atomic(path.with_suffix(".tif"), buf.getvalue())
+        return write_atomic(path.with_name(path.name + ".tif"), buf.getvalue())
     from PIL import Image
     img = Image.fromarray(mask.astype(np.uint8), "P")
     img.putpalette(colours.reshape(-1).tolist())
-    return write_via(path.with_suffix(".png"), lambda f: img.save(f, format="PNG"))
+    return write_via(path.with_name(path.name + ".png"), lambda f: img.save(f, format="PNG"))
 
 
 # the trained model, for Python -----------------------------------------------------------------------------------
