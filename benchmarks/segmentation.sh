@@ -20,13 +20,16 @@ C=$OUT/collages
 
 SEG=(--data "$C/train/images" --masks "$C/train/masks" --val-data "$C/val/images" --val-masks "$C/val/masks"
      --class-names "$C/classes.txt" --threads "$THREADS" --time-limit "$MIN" --eval-every 0)
-# fine-tuned with each head, and a dense linear probe (frozen encoder, linear head: the features alone)
+# fine-tuned with each head (the fine-tuning recipe's short-budget lesson: the last 4 blocks, a higher lr, milder
+# rescaling; docs/segmentation.md), and a dense linear probe (frozen encoder, linear head: the features alone)
+FT=(${FT:---blocks 4 --base-lr 4e-3 --resize-range 1,1.5 --head-channels 128})
+PROBE=(${PROBE:---frozen-encoder --lr 1e-3 --batch-size 32 --resize-range 1,1.5})
 for init in mae random; do
   for head in upernet linear frozen-linear; do
     run=$OUT/$init-$head
     [ -f "$run/results.json" ] && continue
     extra=(); [ "$init" = random ] && extra=(--random-init)
-    [ "$head" = frozen-linear ] && extra+=(--frozen-encoder)
+    if [ "$head" = frozen-linear ]; then extra+=("${PROBE[@]}"); else extra+=("${FT[@]}"); fi
     mimkit segment --checkpoint "$ENC" --head "${head#frozen-}" "${SEG[@]}" "${extra[@]}" --output "$run" --overwrite
   done
 done
