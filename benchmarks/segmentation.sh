@@ -40,7 +40,7 @@ python benchmarks/bootstrap.py "$OUT/mae-upernet" "$OUT/mae-linear"
 
 # frozen probes of the same encoder on the fixed held-out 5k (all 45k training images)
 P=(--checkpoint "$ENC" --data "$DATA" --threads "$THREADS")
-[ -f "$OUT/knn/results.json" ] || mimkit knn "${P[@]}" --pool mean --output "$OUT/knn" --overwrite
+[ -f "$OUT/knn/results.json" ] || mimkit knn "${P[@]}" --pool mean --output "$OUT/knn"
 [ -f "$OUT/probe-linear/results.json" ] || mimkit linprobe "${P[@]}" --pool mean --lr 4 --output "$OUT/probe-linear" --overwrite
 [ -f "$OUT/probe-attentive/results.json" ] || mimkit linprobe "${P[@]}" --head attentive --epochs 20 --warmup-epochs 2 \
     --batch-size 256 --output "$OUT/probe-attentive" --overwrite
