@@ -15,6 +15,7 @@ from .eval.knn import knn
 from .eval.linprobe import linprobe
 from .features import embed_command
 from .pretrain import pretrain
+from .segment import segment
 from .sweep import sweep
 from .tokenizer import tokenizer_command
 from .viz import reconstruct, viz
@@ -41,6 +42,8 @@ COMMANDS = {
     "sweep": (C.SweepConfig, sweep, "pretrain and evaluate a grid or list of runs; a table and plots"),
     "shards": (C.ShardsConfig, shards_command,
                "write images as webdataset tar shards for streaming (--data 'OUT/shard-{000000..000009}.tar')"),
+    "segment": (C.SegmentConfig, segment,
+                "semantic segmentation on an encoder: mimkit segment train | predict (masks for new images)"),
     "bench": (C.BenchConfig, bench, "time pretraining steps against the peers (HF ViTMAE, lightly)"),
 }
 

@@ -149,16 +149,21 @@ class PretrainConfig(RunOptions, DataOptions, OptimOptions, EngineOptions):
 
 
 @dataclass
-class EvalOptions(RunOptions, DataOptions):
+class EncoderOptions:
+    """The pretrained encoder a later command starts from (evaluations, segment)."""
     checkpoint: str = opt("", "checkpoint to evaluate (mimkit, official MAE, HF ViTMAE or timm)")
     val_data: str = opt("", "a separate labeled validation set (folder, archive or .csv/.txt list); then all of "
                         "--data trains and --val-fraction is unused")
     random_init: bool = opt(False, "evaluate the same encoder randomly initialised")
     model: str = opt("", "encoder preset for --random-init (default: the checkpoint's)")
-    pool: str = opt("cls", "feature: class token or mean of patch tokens", ["cls", "mean"])
-    batch_size: int = opt(256, "images per forward pass")
     train_images: int = opt(0, "use an evenly spaced subset of this many training images (0: all); "
                             "for quick comparisons, the validation split stays whole")
+
+
+@dataclass
+class EvalOptions(RunOptions, DataOptions, EncoderOptions):
+    pool: str = opt("cls", "feature: class token or mean of patch tokens", ["cls", "mean"])
+    batch_size: int = opt(256, "images per forward pass")
     feature_cache: str = opt("~/.cache/mimkit/features", "folder caching frozen features between evaluations "
                              "(keyed by weights and images; '' : off)")
 
@@ -178,13 +183,27 @@ class LinprobeConfig(EvalOptions, OptimOptions, EngineOptions):
     # the paper's probe: LARS, base lr 0.1, no weight decay, 90 epochs (batch 16384 there; smaller here)
     epochs: int = opt(90, "training epochs")
     batch_size: int = opt(1024, "images per step per process")
-    base_lr: float = opt(0.1, "learning rate per 256 images (LARS)")
+    base_lr: Optional[float] = opt(None, "learning rate per 256 images (default: 0.1 for the linear head, LARS; "
+                                   "1e-3 for the attentive head, AdamW)")
     weight_decay: float = opt(0.0, "weight decay")
     warmup_epochs: float = opt(10.0, "linear warm-up length in epochs")
+    head: str = opt("linear", "the probe: a linear layer on the pooled feature (MAE's), or attentive: learned "
+                    "queries cross-attending over all frozen patch tokens, then a linear layer (--pool unused)",
+                    ["linear", "attentive"])
+    queries: int = opt(1, "attentive head: learned queries (their outputs are averaged)")
+    heads: int = opt(0, "attentive head: attention heads (0: the encoder's)")
+    token_cache: str = opt("auto", "attentive head: frozen patch tokens kept in memory in 16-bit (auto: where they "
+                           "fit in half the available memory), or recomputed by the encoder every step",
+                           ["auto", "memory", "recompute"])
 
     def validate(self):
+        if self.base_lr is None:  # the head's own default, never an explicit value replaced
+            self.base_lr = 1e-3 if self.head == "attentive" else 0.1
         check_eval(self)
         check_common(self)
+        check_positive(self, "queries")
+        if self.heads < 0:
+            raise ConfigError(f"--heads must be >= 0, got {self.heads}")
 
 
 @dataclass
@@ -215,6 +234,70 @@ class FinetuneConfig(EvalOptions, OptimOptions, EngineOptions):
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             raise ConfigError(f"mixup / cutmix pair images within a batch: --batch-size must be even, got "
                               f"{self.batch_size}")
+
+
+@dataclass
+class SegmentConfig(RunOptions, DataOptions, EncoderOptions, OptimOptions, EngineOptions):
+    # the MAE paper's ADE20K recipe (BEiT's): UperNet, AdamW lr 1e-4 at batch 16, layer decay 0.65, wd 0.05,
+    # drop path 0.1; random rescale 0.5-2 and crop, flip
+    action: str = opt("train", "train a segmenter on an encoder (--checkpoint), or predict masks with a trained one "
+                      "(--checkpoint RUN --data IMAGES; scored when --masks is given)", ["train", "predict"],
+                      positional=True)
+    masks: str = opt("", "folder of masks matched to --data's images by relative path and stem (integer PNG/TIFF, "
+                     "palette PNGs by index); '' for a .csv of image,mask rows or a Hugging Face dataset")
+    val_masks: str = opt("", "masks of --val-data")
+    mask_column: str = opt("mask", "Hugging Face datasets (--data hfds:DIR): the mask column")
+    classes: int = opt(0, "number of classes (0: from --class-names, else the largest mask value + 1)")
+    class_names: str = opt("", "file of class names, one a line, in class-id order")
+    ignore_index: int = opt(255, "mask value that is not scored or trained on (padding gets it too)")
+    class_weights: str = opt("", "per-class weights of the loss, comma-separated ('' : equal)")
+    head: str = opt("upernet", "decoder: UperNet over a simple feature pyramid of four blocks (the MAE paper's), or "
+                    "linear: BatchNorm + 1x1 convolution on the last block (the fast baseline)", ["upernet", "linear"])
+    head_channels: int = opt(256, "UperNet: channels of the decoder (segmentation-models-pytorch's default)")
+    resize_range: str = opt("0.5,2.0", "training: each image rescaled by a random factor in LOW,HIGH before the "
+                            "--img-size crop (mmseg's ratio_range)")
+    overlap: float = opt(1 / 3, "inference: overlap of the sliding windows, a fraction of --img-size")
+    layer_decay: float = opt(0.65, "layer-wise lr decay (1: off)")
+    drop_path: float = opt(0.1, "stochastic depth rate")
+    blocks: int = opt(0, "tune only the last K blocks of the encoder (0: all)")
+    frozen_encoder: bool = opt(False, "keep the whole encoder frozen: train the head only")
+    eval_every: float = opt(0.0, "epochs between held-out mIoU checks during training (0: only at the end)")
+    figure_images: int = opt(6, "held-out images in the figure (image | truth | prediction)")
+    batch_size: int = opt(16, "images per step per process")
+    epochs: int = opt(20, "training epochs")
+    base_lr: float = opt(1.6e-3, "learning rate per 256 images (1e-4 at batch 16, the paper's)")
+    warmup_epochs: float = opt(1.0, "linear warm-up length in epochs")
+
+    def validate(self):
+        if self.action == "predict":
+            if not self.checkpoint:
+                raise ConfigError("--checkpoint is required: the segmenter to predict with (a segment run)")
+            check_file(self.checkpoint, "--checkpoint")
+            check_run(self)
+        else:
+            check_eval(self)
+            check_common(self)
+        for name in ("masks", "val_masks", "class_names"):
+            if getattr(self, name):
+                check_file(getattr(self, name), flag(name))
+        if bool(self.val_data) != bool(self.val_masks) and self.masks:
+            raise ConfigError("--val-data and --val-masks go together (images and their masks)")
+        for n in ("classes", "head_channels", "figure_images", "blocks"):
+            if getattr(self, n) < 0:
+                raise ConfigError(f"{flag(n)} must be >= 0, got {getattr(self, n)}")
+        lo_hi = parse_floats(self.resize_range, "--resize-range")
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+            raise ConfigError(f"--resize-range must be LOW,HIGH with 0 < LOW <= HIGH, got {self.resize_range!r}")
+        if not 0 <= self.overlap < 1:
+            raise ConfigError(f"--overlap must be in [0, 1), got {self.overlap}")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if self.class_weights and min(parse_floats(self.class_weights, "--class-weights")) < 0:
+            raise ConfigError(f"--class-weights must be >= 0, got {self.class_weights!r}")
+        if self.eval_every < 0:
+            raise ConfigError(f"--eval-every must be >= 0, got {self.eval_every}")
+        if self.frozen_encoder and self.blocks:
+            raise ConfigError("--frozen-encoder trains no block, --blocks K trains the last K: choose one")
 
 
 @dataclass

@@ -35,7 +35,7 @@ LAYERS = [
     ("checkpoints", ["mimkit.checkpoints"]),
     ("engine", ["mimkit.engine", "mimkit.run"]),
     ("commands", ["mimkit.pretrain", "mimkit.tokenizer", "mimkit.sweep", "mimkit.eval", "mimkit.features",
-                  "mimkit.viz", "mimkit.bench", "mimkit.monitor", "mimkit.views", "mimkit.explore"]),
+                  "mimkit.viz", "mimkit.bench", "mimkit.monitor", "mimkit.views", "mimkit.explore", "mimkit.segment"]),
     ("cli", ["mimkit.cli", "mimkit"]),  # ``mimkit`` itself: the package's public façade (mimkit/__init__.py)
 ]
 

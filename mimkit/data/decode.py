@@ -232,3 +232,36 @@ def _pil_array(data: bytes, name: str) -> np.ndarray:
         return np.asarray(to_rgb(img).convert("L") if img.mode in ("LA", "La") or "transparency" in img.info
                           else img.convert("L"))
     return np.asarray(to_rgb(img))
+
+
+# segmentation masks ---------------------------------------------------------------------------------------------
+def decode_mask(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decode a segmentation mask to an (H, W) integer array of class ids, exactly as stored.
+
+    Grey PNGs (8 or 16-bit) and palette PNGs give their stored values (a palette image's indices, never its
+    colours); TIFF and ``.npy`` / ``.npz`` give their one band. Each file's own EXIF orientation is applied, as for
+    images (a mask stored without one is used as stored). An RGB(A) mask that is not a palette image, a mask of
+    several bands and a float mask with fractional values are BadImage: they hold colours or scores, not ids."""
+    if not data:
+        raise BadImage(name, "empty file (0 bytes)")
+    if data[:4] in _TIFF_MAGIC or data[:6] == b"\x93NUMPY" or data[:4] == b"PK\x03\x04" or (
+            data[:8] == _PNG_MAGIC and len(data) > 26 and data[24] == 16):
+        arr = decode_array(data, name)
+    else:
+        img = _decode_pil(data, name)
+        if img.mode not in ("P", "L", "1", "I", "I;16", "I;16L", "I;16B", "I;16N"):
+            raise BadImage(name, f"is a {img.mode} image, not a mask of class ids: save masks as single-channel "
+                                 f"(grey) or palette PNGs whose values are the class ids")
+        arr = np.asarray(img)  # palette images: the indices
+    if arr.ndim == 3:
+        if arr.shape[2] != 1:
+            raise BadImage(name, f"has {arr.shape[2]} channels; a mask has one (class ids), RGB colour masks are "
+                                 f"not read: save the ids as a grey or palette PNG")
+        arr = arr[:, :, 0]
+    if arr.dtype.kind == "f":
+        if not np.array_equal(arr, np.round(arr)):
+            raise BadImage(name, "holds fractional values; a mask holds integer class ids")
+        arr = arr.astype(np.int64)
+    if arr.dtype.kind not in "uib":
+        raise BadImage(name, f"dtype {arr.dtype} is not an integer mask")
+    return arr.astype(np.int64)

@@ -143,7 +143,7 @@ class BatchAugment:
     def __call__(self, x: torch.Tensor, params: dict) -> torch.Tensor:
         """uint8 (B, C, H, W) or float in [0, 1] -> normalised float32 (B, C, S, S) on x's device."""
         dev, byte = x.device, x.dtype == torch.uint8
-        x = _resample(x.float(), params["box"].to(dev, torch.float32), params["flip"].to(dev), self.size,
+        x = resample(x.float(), params["box"].to(dev, torch.float32), params["flip"].to(dev), self.size,
                       "zeros" if self.mode == "fixed_crop" else "border")  # zeros = torchvision's pad fill 0
         # bicubic overshoots; the PIL path clips to uint8 as well
         x = x.clamp_(0, 255).div_(255) if byte else x.clamp_(0, 1)
@@ -178,8 +178,9 @@ def _rrc_boxes(n, H, W, scale, ratio, g, attempts=10):
     return torch.stack([top, left, h, w], 1)
 
 
-def _resample(x, box, flip, size, padding_mode):
-    """Crop box (top, left, h, w) of every image and resize it to size x size, mirrored where ``flip``."""
+def resample(x, box, flip, size, padding_mode, mode: str = "bicubic"):
+    """Crop box (top, left, h, w) of every image and resize it to size x size, mirrored where ``flip``; the box
+    may reach outside the image (``padding_mode`` fills it). ``mode='nearest'`` for masks (segmentation)."""
     B, _, H, W = x.shape
     t = (torch.arange(size, device=x.device, dtype=torch.float32) + 0.5) / size  # output pixel centres in (0, 1)
     tx = torch.where(flip[:, None], 1 - t, t)
@@ -188,7 +189,7 @@ def _resample(x, box, flip, size, padding_mode):
     gx = 2 * (box[:, 1:2] + tx * box[:, 3:4]) / W - 1  # (B, size)
     gy = 2 * (box[:, 0:1] + t * box[:, 2:3]) / H - 1
     grid = torch.stack([gx[:, None, :].expand(B, size, size), gy[:, :, None].expand(B, size, size)], -1)
-    return F.grid_sample(x, grid, mode="bicubic", padding_mode=padding_mode, align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
 
 
 def _gray(x):
