@@ -32,22 +32,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import rundir
-from .checkpoints.io import load_checkpoint, load_latest, save_checkpoint
-from .config import SegmentConfig, parse_floats, save_config
+from .checkpoint_files import load_checkpoint, load_latest, save_checkpoint
+from .config import SegmentConfig, parse_floats
 from .data import PixelSpec, open_images, reuse_pixels
 from .data.decode import decode_array, read_bytes
 from .data.masks import (JointAugment, PairLoader, check_model_classes, eval_items, normalise, open_pairs, scan_masks,
                          split_pairs)
-from .data.pixels import to_input
-from .engine import effective_lr, fit, seed_everything, setup
+from .data.inputs import to_input
+from .engine import CHECKPOINT_VERSION, effective_lr, fit, setup
 from .errors import BadImage, CheckpointError, ConfigError
-from .eval.features import eval_img_size, eval_pixels, load_eval_encoder
+from .eval.common import eval_img_size, eval_pixels, load_eval_encoder
 from .eval.finetune import finetune_optimizer, freeze_all_but_last
 from .files import write_atomic, write_json, write_via
 from .models import MaskedViT
 from .models.pos_embed import sincos_2d
 from .models.segmenter import Segmenter
 from .precision import autocast
+from .run import start
 
 log = logging.getLogger("mimkit")
 
@@ -308,13 +309,13 @@ def train(cfg: SegmentConfig) -> dict:
     if cfg.head == "upernet" and importlib.util.find_spec("segmentation_models_pytorch") is None:
         raise ConfigError("--head upernet needs segmentation-models-pytorch: pip install 'mimkit[seg]' "
                           "(or --head linear)")
-    env = setup(cfg)
-    rundir.prepare(cfg, "segment", env)
-    seed_everything(cfg.seed)
-    encoder, source_info = load_eval_encoder(cfg)
+    run = start(cfg, "segment")
+    env = run.env
+    train_pairs, train_idx, val_pairs, val_idx = _pairs(cfg)  # the data first: its spec shapes adapted RGB weights
+    train_images = [train_pairs.image_ids[k] for k in train_idx]
+    encoder, source_info = load_eval_encoder(cfg, train_pairs.images, train_images)
     crop = eval_img_size(cfg, encoder)
-    train_pairs, train_idx, val_pairs, val_idx = _pairs(cfg)
-    spec = eval_pixels(cfg, encoder, train_pairs.images, [train_pairs.image_ids[k] for k in train_idx])
+    spec = eval_pixels(cfg, encoder, train_pairs.images, train_images)
     if val_pairs is not train_pairs:
         reuse_pixels(spec, val_pairs.images, [val_pairs.image_ids[k] for k in val_idx])  # the same files' checks
     info = scan_masks(train_pairs, train_idx, spec, classes=cfg.classes, class_names=cfg.class_names,
@@ -366,10 +367,8 @@ def train(cfg: SegmentConfig) -> dict:
                  len(val_idx))
         return {"val_miou": miou}
 
-    run_dir = Path(cfg.output)
+    run_dir, recorded = run.output, run.record(cfg)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("segmenting %d classes with a %s head on %s (%.3gM of %.3gM parameters trainable%s), crop %d, "
                  "%d training and %d held-out images, lr %.3g, layer decay %.2f", info.num_classes, cfg.head,
@@ -377,11 +376,11 @@ def train(cfg: SegmentConfig) -> dict:
                  sum(p.numel() for p in model.parameters()) / 1e6,
                  ", encoder frozen" if cfg.frozen_encoder else f", last {cfg.blocks} blocks" if cfg.blocks else "",
                  crop, len(train_idx), len(val_idx), lr, cfg.layer_decay)
-    result = fit(task, optimizer, loader, cfg, run_dir, env, on_step=on_step if cfg.eval_every else None)
+    result = fit(task, optimizer, loader, recorded, run_dir, env, on_step=on_step if cfg.eval_every else None)
 
     results = {}
     if env.is_main:
-        save_checkpoint({"format": "mimkit", "version": 1, "kind": "segment", "arch": task.arch,
+        save_checkpoint({"format": "mimkit", "version": CHECKPOINT_VERSION, "kind": "segment", "arch": task.arch,
                          "model": model.state_dict()}, run_dir / "model.pt")
         conf, counts, kept = held_out(keep=cfg.figure_images)
         results = {"command": "segment", **scores(conf), "classes": info.names, "num_classes": info.num_classes,

@@ -20,9 +20,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import BadImage, ConfigError, DataError
+from ..pixels import PixelSpec
 from .decode import decode_array, decode_mask, read_bytes
+from .hfdata import HFDatasetSource, is_hf_dataset
+from .inputs import to_input
 from .loader import CACHE_MAX_BYTES, mix_seed, resolve_workers
-from .pixels import PixelSpec, to_input
 from .source import ImageSource, name_sort_key, open_images, read_regular_file
 from .transforms import resample
 
@@ -81,7 +83,6 @@ def open_pairs(data: str, masks: str = "", *, image_column: str = "image", mask_
                train_split: str = "train", val_split: str = "auto") -> Pairs:
     """Images and masks as :class:`Pairs`: ``data`` a folder/archive/list with ``masks`` a folder of masks of the same
     relative paths and stems; ``data`` a .csv of image,mask rows; or ``hfds:DIR`` with image and mask columns."""
-    from .hfdata import HFDatasetSource, is_hf_dataset
     if is_hf_dataset(data):
         opts = dict(label_column="", train_split=train_split, val_split=val_split)
         images = HFDatasetSource(data, image_column=image_column, **opts)
