@@ -383,21 +383,22 @@ class EmbedConfig:
 class VizConfig:
     action: str = opt("attention", "which figure: attention (the class token's, per head, in --block), pca (the "
                       "first three principal components of the patch features as RGB) or neighbours (the nearest "
-                      "images of --images in feature space)", ["attention", "pca", "neighbours"], positional=True)
+                      "images of --data in feature space)", ["attention", "pca", "neighbours"], positional=True)
     checkpoint: str = opt("", "any checkpoint mimkit reads (an MAE, another objective's run, an encoder)")
-    images: str = opt("builtin", "image folder, archive, file list, a single image file or 'builtin'")
+    data: str = opt("builtin", "images: what pretrain's --data reads, or a single image file", aliases=["images"])
     output: str = opt("runs/viz", "folder of the figure (ACTION.png, a row per image) and its numbers (ACTION.json)")
-    num_images: int = opt(8, "how many images (spread over the classes of --images, seeded by --seed)")
+    num_images: int = opt(8, "how many images (spread over the classes of --data, seeded by --seed)")
     seed: int = opt(0, "which images are shown")
     block: int = opt(-1, "attention: the block, 0-based (-1: the last)")
-    pca_fit: str = opt("image", "pca: components fitted on each image alone, or on a sample of --images (one colour "
+    pca_fit: str = opt("image", "pca: components fitted on each image alone, or on a sample of --data (one colour "
                        "scale for all)", ["image", "sample"])
     pca_images: int = opt(64, "pca --pca-fit sample: images in the sample")
     pool: str = opt("cls", "neighbours: the image feature (class token or mean of patch tokens)", ["cls", "mean"])
     k: int = opt(8, "neighbours: how many per image")
     index: str = opt("", "neighbours: features `mimkit embed` wrote (OUT.npy) instead of computing them; refused "
                      "when made from another checkpoint, image size or pooling")
-    bands: str = opt("", "for images of more than 3 channels: the three shown as red,green,blue, 1-based")
+    bands: str = opt("", "the bands shown as red,green,blue, by name or 1-based number (default: the checkpoint's "
+                     "roles, else the first three)")
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
 
     def validate(self):
@@ -407,8 +408,7 @@ class VizConfig:
         if self.index:
             check_file(self.index, "--index")
         check_positive(self, "num_images", "k", "pca_images")
-        if self.bands and not re.fullmatch(r"\d+,\d+,\d+", self.bands.replace(" ", "")):
-            raise ConfigError(f"--bands must be three channel numbers like 4,3,2; got {self.bands!r}")
+        parse_pixel_options(bands=self.bands)
 
 
 @dataclass
@@ -422,7 +422,8 @@ class ExploreConfig:
     port: int = opt(8765, "port (0: a free one; the address is printed)")
     index: str = opt("", "neighbours: `mimkit embed` outputs (OUT.npy), comma-separated, each used for the checkpoint "
                      "it was made from (checked); without one the index is built when first asked for")
-    bands: str = opt("", "for images of more than 3 channels: the three shown as red,green,blue, 1-based")
+    bands: str = opt("", "the bands shown as red,green,blue, by name or 1-based number (default: the checkpoint's "
+                     "roles, else the first three)")
     max_pixels: int = opt(50_000_000, "uploads with more pixels are refused (read from the header, before decoding)")
     max_upload_mb: float = opt(64.0, "uploads larger than this are refused")
     pca_images: int = opt(64, "PCA fitted on a sample: images of --data in the sample")
@@ -438,8 +439,7 @@ class ExploreConfig:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
         check_positive(self, "max_pixels", "max_upload_mb", "pca_images")
-        if self.bands and not re.fullmatch(r"\d+,\d+,\d+", self.bands.replace(" ", "")):
-            raise ConfigError(f"--bands must be three channel numbers like 4,3,2; got {self.bands!r}")
+        parse_pixel_options(bands=self.bands)
 
 
 @dataclass

@@ -6,7 +6,7 @@ The one home of these computations: ``mimkit reconstruct``, ``mimkit viz attenti
 
 Masks depend only on (seed, image key), never on an image's place in a batch: each image draws its own noise from
 a generator seeded by the seed and its key (the file's own name, or its position when images come without names).
-So ``mimkit reconstruct --images photo.jpg``, the same file inside a folder, and the page's upload of ``photo.jpg``
+So ``mimkit reconstruct --data photo.jpg``, the same file inside a folder, and the page's upload of ``photo.jpg``
 hide the same patches and report the same loss. (Files of one name in different folders, cat/0001.jpg and
 dog/0001.jpg, share a mask pattern; a mask never depends on the pixels, so scores stay unbiased.)
 """

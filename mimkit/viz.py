@@ -129,12 +129,12 @@ def reconstruct(cfg) -> list:
 
 
 def viz(cfg) -> dict:
-    """CLI ``mimkit viz attention|pca|neighbours``: a PNG (a row per image of ``cfg.images``, spread over its
+    """CLI ``mimkit viz attention|pca|neighbours``: a PNG (a row per image of ``cfg.data``, spread over its
     classes) and the numbers behind it in a JSON beside it, computed by :mod:`mimkit.views` as the explore page
     computes them."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    source = open_images(cfg.images)  # the images first: a bad --images fails before the weights are read
+    source = open_images(cfg.data)  # the images first: a bad --data fails before the weights are read
     model = load(cfg.checkpoint)
     encoder = model.encoder if hasattr(model, "encoder") else model
     views.check_vit(encoder)
@@ -145,7 +145,7 @@ def viz(cfg) -> dict:
     images, index = zip(*views.load_images(source, picks, size, pixels))
     images, index = torch.cat(images), [i for batch in index for i in batch]
     shown = views.display_images(images, pixels)
-    numbers = {"checkpoint": str(cfg.checkpoint), "images": str(cfg.images), "img_size": size}
+    numbers = {"checkpoint": str(cfg.checkpoint), "images": str(cfg.data), "img_size": size}
     if cfg.action == "attention":
         maps = views.cls_attention(encoder, images, cfg.block)  # (B, heads, gh, gw)
         columns = [shown, views.attention_overlay(shown, maps.mean(1))]

@@ -32,7 +32,7 @@ def make_folder(root: Path, per_class: int = 6) -> Path:
 
 def cli_loss(checkpoint, images, out: Path, ratio: float, seed: int = 0, masking: str = "random") -> float:
     """`mimkit reconstruct`'s loss on the hidden patches of one image file."""
-    assert cli("reconstruct", "--checkpoint", checkpoint, "--images", images, "--num-images", 1, "--mask-ratio", ratio,
+    assert cli("reconstruct", "--checkpoint", checkpoint, "--data", images, "--num-images", 1, "--mask-ratio", ratio,
                "--seed", seed, "--masking", masking, "--output", out) == 0
     score = json.loads((out / "results.json").read_text())
     assert score["images"] == 1

@@ -200,7 +200,7 @@ def test_viz_files(setup, tmp_path):
     base, run, data, _, _ = setup
     for action, extra in [("attention", ["--block", "1"]), ("pca", ["--pca-fit", "sample", "--pca-images", "6"]),
                           ("neighbours", ["--k", "3"])]:
-        assert cli("viz", action, "--checkpoint", run, "--images", data, "--num-images", 3, "--output", tmp_path,
+        assert cli("viz", action, "--checkpoint", run, "--data", data, "--num-images", 3, "--output", tmp_path,
                    *extra) == 0
         numbers = json.loads((tmp_path / f"{action}.json").read_text())
         w, h = Image.open(tmp_path / f"{action}.png").size
