@@ -3,15 +3,17 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 DEMO := runs/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
 install:
 	$(PIP) install -q -e ".[dev]"
-	@# the browser test (tests/test_explore_browser.py) drives Debian's Chromium through Playwright
+
+# the browser test (tests/test_explore_browser.py) drives Debian's Chromium through Playwright (the demo needs neither)
+browser:
 	@if command -v chromium >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	else echo "make install: no chromium for the browser test; install it: sudo apt-get install -y chromium"; fi
+	else echo "make browser: no chromium for the browser test; install it: sudo apt-get install -y chromium"; fi
 
 # The demo's score is the held-out reconstruction error against the flat-patch reference, with its standard error
 # over the 100 held-out images. No k-NN here: on 100 images its standard error is ~4.5 points, more than two minutes
@@ -21,7 +23,7 @@ demo: install
 	$(PYTHON) -m mimkit.cli reconstruct --checkpoint $(DEMO) --data builtin --val-fraction 0.1 --output $(DEMO)/figures
 
 # two test processes (pytest-xdist): most tests run one thread, so the 2-core machine runs two at once
-test: install
+test: install browser
 	$(PYTHON) -m pytest tests -q -n 2
 
 bench: install
