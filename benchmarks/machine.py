@@ -89,7 +89,7 @@ def part_bench(s: Steps, device: str) -> dict:
     out = s.out / "bench.json"
     if not out.exists():
         cmd = [sys.executable, "-m", "mimkit.cli", "bench", configs, "--precision", "auto", "--compile", "both",
-               "--device", device, "--output" if _has_output_flag() else "--out", str(out)]
+               "--device", device, "--output", str(out)]
         if device.startswith("cuda"):
             cmd += ["--batch-size", "256", "--data", ""]
         print("[machine] " + " ".join(cmd[2:]), flush=True)
@@ -104,11 +104,6 @@ def part_bench(s: Steps, device: str) -> dict:
         if sum(b.values()):
             figures[f"{name} step outside matmuls %"] = round(100 * (1 - b["matmul"] / sum(b.values())), 1)
     return figures
-
-
-def _has_output_flag() -> bool:
-    from mimkit.config import BenchConfig
-    return "output" in BenchConfig.__dataclass_fields__
 
 
 def part_curve(s: Steps, device: str, curve_steps) -> dict:
@@ -176,7 +171,10 @@ def main():
     steps.data = args.data
     state_path = args.out / "numbers.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"figures": {}}
-    state["machine"] = info = machine(args.device)
+    if args.device.startswith("cuda") and not torch.cuda.is_available() and not args.dry_run:
+        ap.error("--device cuda: no GPU on this machine")
+    info = None if args.dry_run else machine(args.device)
+    state["machine"] = info
     curve_steps = [int(n) for n in args.curve_steps.split(",") if n.strip()]
     for part in parts:
         t0 = time.time()
