@@ -354,19 +354,27 @@ def make_fuzz_folder(root: Path, n_good: int = 40):
     return bad, good, ignored
 
 
-def current_rss() -> int:
-    """This process's resident memory now, bytes (Linux /proc)."""
+def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
     return 0
 
 
+def current_rss() -> int:
+    """This process's resident memory now, bytes (Linux /proc)."""
+    return 1024 * _status_kb("VmRSS")
+
+
 def peak_rss() -> int:
-    """The peak resident memory of this process and of its finished children (data loader workers), bytes."""
+    """The peak resident memory of this process and of its finished children (data loader workers), bytes.
+
+    This process's own peak is /proc's VmHWM, which belongs to its address space and starts anew at exec; not
+    getrusage's ru_maxrss, which Linux carries across exec: a command started from a large parent (pytest after
+    hundreds of tests) would report the parent's size as its own peak. The workers are forked from this process
+    (no exec), so their ru_maxrss is their own."""
     import resource
-    return 1024 * max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return max(1024 * _status_kb("VmHWM"), 1024 * resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 
 
 if __name__ == "__main__":  # the mimkit command, plus the 'faulty' objective
