@@ -95,10 +95,10 @@ def test_page_in_chromium(server, tmp_path):
 
         page.goto(url)
         loss = page.locator("#loss-0")
-        page.wait_for_function("document.querySelector('#loss-0').dataset.loss !== undefined", timeout=20_000)
+        page.wait_for_function("document.querySelector('#loss-0')?.dataset.loss !== undefined", timeout=20_000)
         page.wait_for_function("document.querySelectorAll('#nn-0 img').length === 8", timeout=20_000)
-        page.wait_for_function("document.querySelector('#pca-0').src.startsWith('data:')", timeout=20_000)
-        page.wait_for_function("document.querySelector('#attn-0').src.startsWith('data:')", timeout=20_000)
+        page.wait_for_function("document.querySelector('#pca-0')?.src?.startsWith('data:')", timeout=20_000)
+        page.wait_for_function("document.querySelector('#attn-0')?.src?.startsWith('data:')", timeout=20_000)
         name = page.locator("#current").inner_text()
         before = {k: page.locator(f"#{k}-0").get_attribute("src") for k in ("masked", "rec", "paste")}
         first = float(loss.get_attribute("data-loss"))
@@ -108,7 +108,7 @@ def test_page_in_chromium(server, tmp_path):
         page.locator("#ratio").focus()
         for _ in range(8):
             page.keyboard.press("ArrowLeft")
-        page.wait_for_function("document.querySelector('#loss-0').dataset.ratio === '0.35'", timeout=20_000)
+        page.wait_for_function("document.querySelector('#loss-0')?.dataset.ratio === '0.35'", timeout=20_000)
         after = {k: page.locator(f"#{k}-0").get_attribute("src") for k in before}
         assert all(after[k] != before[k] for k in before)  # fewer patches hidden: every masked panel changes
         moved = float(loss.get_attribute("data-loss"))
@@ -117,11 +117,11 @@ def test_page_in_chromium(server, tmp_path):
         original = page.locator("#orig-0").get_attribute("src")
         # a file that cannot be read: a message on the page, and the page keeps working
         page.set_input_files("#upload", str(bad))
-        page.wait_for_function("document.querySelector('#message').textContent.includes('broken.png')",
+        page.wait_for_function("document.querySelector('#message')?.textContent?.includes('broken.png')",
                                timeout=20_000)
         page.set_input_files("#upload", str(photo))
-        page.wait_for_function("document.querySelector('#current').textContent.includes('photo.png')", timeout=20_000)
-        page.wait_for_function("document.querySelector('#loss-0').dataset.key === 'photo.png'", timeout=20_000)
+        page.wait_for_function("document.querySelector('#current')?.textContent?.includes('photo.png')", timeout=20_000)
+        page.wait_for_function("document.querySelector('#loss-0')?.dataset.key === 'photo.png'", timeout=20_000)
         assert page.locator("#message").inner_text() == ""
         uploaded = float(loss.get_attribute("data-loss"))
         assert uploaded == cli_loss(run, photo, tmp_path / "photo", 0.35)
@@ -129,7 +129,7 @@ def test_page_in_chromium(server, tmp_path):
         shot = os.environ.get("MIMKIT_EXPLORE_SCREENSHOT")
         if shot:
             page.locator("#search").fill("ship/")
-            page.wait_for_function("document.querySelector('#count').textContent.startsWith('40 ')", timeout=20_000)
+            page.wait_for_function("document.querySelector('#count')?.textContent?.startsWith('40 ')", timeout=20_000)
             page.locator("#list figure").nth(5).click()
             page.wait_for_function("document.querySelectorAll('#nn-0 img').length === 8", timeout=20_000)
             page.wait_for_timeout(1000)
