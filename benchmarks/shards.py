@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path

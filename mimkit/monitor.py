@@ -11,7 +11,6 @@ thousand images at most. It runs on the main process with the weights every proc
 import logging
 
 import numpy as np
-import torch
 
 from .errors import ConfigError
 from .data import make_loader
